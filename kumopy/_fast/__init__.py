@@ -1,0 +1,32 @@
+"""Choose the compiled or the pure-Python twin of weighted selection and queue bookkeeping."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+__all__ = ["IMPLEMENTATION", "DueQueue", "Ledger", "SmoothSelector", "SourceMask"]
+
+IMPLEMENTATION: str
+"""Which twin is in use: "c" (Cython) or "py" (pure Python)."""
+
+if TYPE_CHECKING:
+    from kumopy._fast._queue_py import DueQueue, Ledger
+    from kumopy._fast._select_py import SmoothSelector, SourceMask
+elif os.environ.get("KUMOPY_NO_EXTENSIONS", "") not in ("", "0"):
+    from kumopy._fast._queue_py import DueQueue, Ledger
+    from kumopy._fast._select_py import SmoothSelector, SourceMask
+
+    IMPLEMENTATION = "py"
+else:
+    try:
+        # Both compiled modules or neither: a C mask cannot feed a Python selector.
+        from kumopy._fast._queue_c import DueQueue, Ledger
+        from kumopy._fast._select_c import SmoothSelector, SourceMask
+
+        IMPLEMENTATION = "c"
+    except ImportError:
+        from kumopy._fast._queue_py import DueQueue, Ledger
+        from kumopy._fast._select_py import SmoothSelector, SourceMask
+
+        IMPLEMENTATION = "py"

@@ -1,0 +1,177 @@
+"""The kumopy command line: run, check-config, inject, demo, status, sink, worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from kumopy.errors import ConfigError, KumoError
+
+__all__ = ["main", "parse_size"]
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
+          "gb": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Parse "2048", "2k", "50MB" into bytes."""
+    t = text.strip().lower()
+    num = t.rstrip("kmgb")
+    unit = t[len(num):]
+    if not num or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2048, 2k, 50MB)")
+    try:
+        return int(float(num) * _UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kumopy.coordinator.core import CoreSettings
+    from kumopy.coordinator.main import Coordinator, RunOptions
+    from kumopy.ipc.messages import Limits
+    from kumopy.policy import load_policy
+
+    _setup_logging(args.log_level)
+    if not args.fsync:
+        log.warning(
+            "--no-fsync: accepted messages are NOT durable; a power loss or kernel crash can "
+            "lose every message acknowledged since the last checkpoint. Use for tests only."
+        )
+    try:
+        policy = load_policy(args.policy, args.sources)
+        options = RunOptions(
+            listen=args.listen,
+            spool_dir=args.spool,
+            log_dir=args.log_dir,
+            fsync=args.fsync,
+            min_free_bytes=args.min_free_space,
+            limits=Limits(max_message_size=args.max_message_size),
+            credit=args.credit,
+            drain_timeout=args.drain_timeout,
+            allow_remote=args.allow_remote_ingress,
+            core=CoreSettings(problem_retry=args.problem_retry),
+            worker_args=["--log-level", args.log_level],
+            ready_file=args.ready_file,
+        )
+        coordinator = Coordinator(policy, options)
+    except ConfigError as exc:
+        print(f"kumopy run: {exc}", file=sys.stderr)
+        return 2
+    except KumoError as exc:
+        print(f"kumopy run: {exc}", file=sys.stderr)
+        return 1
+    return coordinator.run()
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from kumopy.worker.main import run_worker
+
+    _setup_logging(args.log_level)
+    return run_worker(args.source_def, args.endpoint, args.credit, args.parent_pid)
+
+
+def _cmd_check_config(argv: list[str]) -> int:
+    from kumopy.checkconfig import main as check_main
+
+    return check_main(argv)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from kumopy.client import Client
+
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        print(json.dumps(client.request("status"), indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every subcommand."""
+    from kumopy.coordinator.main import DEFAULT_ENDPOINT
+    from kumopy.ipc.messages import DEFAULT_MAX_MESSAGE_SIZE
+
+    p = argparse.ArgumentParser(prog="kumopy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the coordinator and one worker per egress source")
+    run.add_argument("policy", nargs="?", help="policy file (Python)")
+    run.add_argument("--sources", action="append", default=[], metavar="FILE",
+                     help="KumoMTA-style sources TOML file (repeatable, merged in order)")
+    run.add_argument("--listen", default=DEFAULT_ENDPOINT, help="ingress endpoint (ZeroMQ)")
+    run.add_argument("--allow-remote-ingress", action="store_true",
+                     help="allow --listen on a non-loopback address (no authentication yet)")
+    run.add_argument("--spool", default=os.path.join("var", "spool"), help="spool directory")
+    run.add_argument("--log-dir", default=os.path.join("var", "log"), help="log record directory")
+    run.add_argument("--no-fsync", dest="fsync", action="store_false",
+                     help="do not fsync the spool (throughput tests only: risks acknowledged mail)")
+    run.add_argument("--min-free-space", type=parse_size, default=64 * 1024**2,
+                     help="refuse injection when the spool's file system has less free space")
+    run.add_argument("--max-message-size", type=parse_size, default=DEFAULT_MAX_MESSAGE_SIZE)
+    run.add_argument("--credit", type=int, default=256,
+                     help="deliveries each worker may hold at once")
+    run.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="seconds SIGTERM waits for in-flight deliveries")
+    run.add_argument("--problem-retry", type=float, default=None,
+                     help="retry delay for queue-level problems (default: the queue's schedule)")
+    run.add_argument("--ready-file", help="write the bound endpoint here once workers are ready")
+    run.add_argument("--log-level", default="INFO")
+    run.set_defaults(func=_cmd_run)
+
+    w = sub.add_parser("worker", help="(internal) one egress source's worker process")
+    w.add_argument("--endpoint", required=True)
+    w.add_argument("--source-def", required=True)
+    w.add_argument("--credit", type=int, default=256)
+    w.add_argument("--parent-pid", type=int, required=True)
+    w.add_argument("--log-level", default="INFO")
+    w.set_defaults(func=_cmd_worker)
+
+    st = sub.add_parser("status", help="print the coordinator's counters as JSON")
+    st.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    st.add_argument("--timeout", type=float, default=10.0)
+    st.set_defaults(func=_cmd_status)
+
+    from kumopy.demo import add_demo_parser
+    from kumopy.inject import add_inject_parser
+
+    add_inject_parser(sub)
+    add_demo_parser(sub)
+    sub.add_parser("check-config", help="validate a policy and print its sources and pools",
+                   add_help=False)
+    sub.add_parser("sink", help="run the test SMTP sink", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # check-config and sink own their whole argument lists.
+    if args_list[:1] == ["check-config"]:
+        return _cmd_check_config(args_list[1:])
+    if args_list[:1] == ["sink"]:
+        from kumopy.smtp.sink import main as sink_main
+
+        return int(sink_main(args_list[1:]) or 0)
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except KumoError as exc:
+        print(f"kumopy {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return result

@@ -1,0 +1,201 @@
+"""Supervise one worker process per egress source, in the manner of gunicorn's arbiter."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kumopy.config import EgressSource
+
+__all__ = ["WORKER_BOOT_ERROR", "Arbiter", "WorkerSlot"]
+
+log = logging.getLogger(__name__)
+
+WORKER_BOOT_ERROR = 3
+"""Exit code a worker uses when it cannot start at all; it is not restarted."""
+
+STORM_RESTARTS = 5
+"""More restarts than this within STORM_WINDOW seconds stop restarting a source."""
+STORM_WINDOW = 60.0
+HEARTBEAT_STALE = 15.0
+KILL_GRACE = 5.0
+
+
+@dataclass(slots=True, eq=False)
+class WorkerSlot:
+    """One source's worker: its process and restart history."""
+
+    index: int
+    source: EgressSource
+    pid: int | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    last_seen: float = 0.0
+    restarts: deque[float] = field(default_factory=deque)
+    next_start: float | None = None
+    failed: str | None = None
+    """Why this source's worker is no longer restarted (boot failure or restart storm)."""
+    term_sent: float | None = None
+    exits: int = 0
+
+
+class Arbiter:
+    """Start, reap, restart and stop the workers; never called from a signal handler."""
+
+    def __init__(
+        self,
+        sources: Sequence[EgressSource],
+        endpoint: str,
+        on_exit: Callable[[WorkerSlot, str], None],
+        worker_args: Sequence[str] = (),
+        backoff: tuple[float, float] = (0.1, 10.0),
+    ) -> None:
+        self.endpoint = endpoint
+        self.slots = [WorkerSlot(i, s) for i, s in enumerate(sources)]
+        self.by_pid: dict[int, WorkerSlot] = {}
+        self.on_exit = on_exit
+        self.worker_args = list(worker_args)
+        self.backoff = backoff
+        self.stopping = False
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        """Exec a fresh worker for `slot` (python -m kumopy worker ...)."""
+        definition = base64.b64encode(json.dumps(slot.source.to_dict()).encode()).decode()
+        cmd = [
+            sys.executable,
+            "-m",
+            "kumopy",
+            "worker",
+            "--endpoint",
+            self.endpoint,
+            "--source-def",
+            definition,
+            "--parent-pid",
+            str(os.getpid()),
+            *self.worker_args,
+        ]
+        slot.proc = subprocess.Popen(cmd, close_fds=True)
+        slot.pid = slot.proc.pid
+        slot.started = slot.last_seen = time.monotonic()
+        slot.next_start = None
+        slot.term_sent = None
+        self.by_pid[slot.pid] = slot
+        log.info("started worker for source %s (pid %d)", slot.source.name, slot.pid)
+
+    def start_all(self) -> None:
+        """Start every worker."""
+        for slot in self.slots:
+            self.spawn(slot)
+
+    def seen(self, index: int) -> None:
+        """Note a sign of life (Ready, results, heartbeat) from a worker."""
+        self.slots[index].last_seen = time.monotonic()
+
+    def reap(self) -> None:
+        """Collect every exited worker without blocking and decide about restarting it."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.by_pid.pop(pid, None)
+            if slot is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if slot.proc is not None:
+                slot.proc.returncode = code  # keep Popen from waiting on a reaped pid
+            slot.pid = None
+            slot.proc = None
+            slot.exits += 1
+            self._after_exit(slot, code)
+
+    def _after_exit(self, slot: WorkerSlot, code: int) -> None:
+        name = slot.source.name
+        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        now = time.monotonic()
+        if self.stopping:
+            reason = f"worker for {name} stopped ({how})"
+            log.info("%s", reason)
+        elif code == WORKER_BOOT_ERROR:
+            slot.failed = f"worker for source {name} failed at boot ({how}); not restarting"
+            reason = slot.failed
+            log.error("%s", reason)
+        else:
+            slot.restarts.append(now)
+            while slot.restarts and slot.restarts[0] < now - STORM_WINDOW:
+                slot.restarts.popleft()
+            if len(slot.restarts) > STORM_RESTARTS:
+                slot.failed = (
+                    f"worker for source {name} died {len(slot.restarts)} times in "
+                    f"{STORM_WINDOW:.0f}s (last: {how}); restart storm stopped"
+                )
+                reason = slot.failed
+                log.error("%s", reason)
+            else:
+                base, cap = self.backoff
+                delay = min(cap, base * 2 ** (len(slot.restarts) - 1)) * random.uniform(0.5, 1.5)
+                slot.next_start = now + delay
+                reason = f"worker for {name} died ({how}); restarting in {delay:.2f}s"
+                log.warning("%s", reason)
+        self.on_exit(slot, reason)
+
+    def tick(self) -> None:
+        """Restart workers whose backoff has passed; kill hung ones."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.pid is None:
+                if (
+                    not self.stopping
+                    and slot.failed is None
+                    and slot.next_start is not None
+                    and now >= slot.next_start
+                ):
+                    self.spawn(slot)
+                continue
+            if slot.term_sent is not None:
+                if now - slot.term_sent > KILL_GRACE:
+                    self._kill(slot, signal.SIGKILL)
+            elif not self.stopping and now - slot.last_seen > HEARTBEAT_STALE:
+                log.error("worker for %s sent nothing for %.0fs; terminating it",
+                          slot.source.name, now - slot.last_seen)
+                self._kill(slot, signal.SIGTERM)
+                slot.term_sent = now
+
+    def _kill(self, slot: WorkerSlot, sig: int) -> None:
+        if slot.pid is None:
+            return
+        try:
+            os.kill(slot.pid, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
+    def alive(self) -> list[WorkerSlot]:
+        """Return the slots whose process is running."""
+        return [s for s in self.slots if s.pid is not None]
+
+    def terminate_all(self, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` to every running worker."""
+        for slot in self.alive():
+            self._kill(slot, sig)
+
+    def wait_all(self, deadline: float) -> bool:
+        """Reap until every worker has exited or `deadline` (monotonic) passes."""
+        while self.alive() and time.monotonic() < deadline:
+            self.reap()
+            if self.alive():
+                time.sleep(0.01)
+        return not self.alive()

@@ -1,0 +1,434 @@
+"""The coordinator's state: queues, dispatch by weighted selection, outcomes and retries."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kumopy._fast import DueQueue, Ledger, SmoothSelector, SourceMask
+from kumopy.config import QueueConfig
+from kumopy.coordinator.logs import LogWriter, response_dict
+from kumopy.coordinator.queues import Msg, SchedQueue, next_retry_delay, queue_name, site_for
+from kumopy.coordinator.spool import SpooledMeta, SpoolStore
+from kumopy.errors import PolicyError
+from kumopy.policy import Policy
+from kumopy.worker.jobs import DELIVERED, PERMANENT, Job, JobResult
+
+__all__ = ["CoreSettings", "QueueCore"]
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count()
+
+
+def new_msg_id() -> str:
+    """Return a time-ordered, process-unique spool id."""
+    return f"{time.time_ns():016x}{os.getpid() & 0xFFFF:04x}{next(_ids) & 0xFFFFFF:06x}"
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    """Tunables of the queueing core."""
+
+    quantum: int = 32
+    """Messages one queue may dispatch before the next queue gets a turn (fairness)."""
+    lease: float = 1800.0
+    """Seconds a job may stay with a worker before it is handed to another attempt."""
+    body_cache_bytes: int = 256 * 1024 * 1024
+    """Bodies kept in memory up to this many bytes; beyond it they are read from the spool."""
+    problem_retry: float | None = None
+    """Override of the retry delay used for queue-level problems (tests)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Inflight:
+    msg: Msg
+    source: int
+    pool: str
+    queue: SchedQueue
+    since: float
+    site: str
+
+
+class QueueCore:
+    """All queue bookkeeping of the coordinator; no sockets here, so it is testable alone."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        spool: SpoolStore,
+        logs: LogWriter,
+        send_jobs: Callable[[int, list[Job]], None],
+        settings: CoreSettings = CoreSettings(),
+    ) -> None:
+        self.policy = policy
+        self.spool = spool
+        self.logs = logs
+        self.send_jobs = send_jobs
+        self.settings = settings
+        cfg = policy.config
+        self.sources = cfg.used_sources()
+        self.source_index = {s.name: i for i, s in enumerate(self.sources)}
+        self.mask = SourceMask(len(self.sources))
+        self.ledger = Ledger(self.mask)
+        self.live = [True] * len(self.sources)
+        self.selectors: dict[str, SmoothSelector] = {}
+        for pool in cfg.pools.values():
+            idx = [self.source_index[e.name] for e in pool.entries]
+            self.selectors[pool.name] = SmoothSelector(
+                idx, [e.weight for e in pool.entries], self.mask
+            )
+        self.due = DueQueue()
+        self.msgs: dict[int, Msg] = {}
+        self.queues: dict[str, SchedQueue] = {}
+        self.active: deque[SchedQueue] = deque()
+        self._active_set: set[str] = set()
+        self._qcfg_cache: dict[tuple[str, str | None, str | None], SchedQueue] = {}
+        self.inflight: dict[int, _Inflight] = {}
+        self.by_source: list[set[int]] = [set() for _ in self.sources]
+        self._handles = itertools.count(1)
+        self._jobs = itertools.count(1)
+        self.cached_bytes = 0
+        self.picks: dict[str, list[int]] = {p: [0] * len(self.sources) for p in self.selectors}
+        self.delivered = [0] * len(self.sources)
+        self.requeued = 0
+        """Jobs handed back from a dead worker or an expired lease (at-least-once)."""
+        self.recovered = 0
+        self._deletes: list[str] = []
+        self._reschedules: list[tuple[str, SpooledMeta, float, int]] = []
+
+    # -- queues ------------------------------------------------------------------------------
+    def queue_for(self, domain: str, tenant: str | None, campaign: str | None) -> SchedQueue:
+        """Return (creating and configuring on first use) the scheduled queue for a message."""
+        key = (domain, tenant, campaign)
+        q = self._qcfg_cache.get(key)
+        if q is not None:
+            return q
+        name = queue_name(domain, tenant, campaign)
+        q = self.queues.get(name)
+        if q is None:
+            try:
+                config: QueueConfig | None = self.policy.queue_config(domain, tenant, campaign)
+                error = None
+            except PolicyError as exc:
+                config, error = None, exc.message
+                log.error("queue %s: %s", name, error)
+            q = SchedQueue(name, config, error)
+            self.queues[name] = q
+        self._qcfg_cache[key] = q
+        return q
+
+    def add(self, msg: Msg, now: float) -> None:
+        """Track a message: ready now if due, else in the due-time heap."""
+        self.msgs[msg.handle] = msg
+        q = self.queues[msg.env.queue]
+        if msg.due <= now:
+            self._make_ready(q, msg)
+        else:
+            q.delayed += 1
+            self.due.push(msg.due, msg.handle)
+
+    def new_handle(self) -> int:
+        """Return a fresh in-memory handle."""
+        return next(self._handles)
+
+    def cache_body(self, msg: Msg, data: bytes | memoryview) -> None:
+        """Keep a body in memory while the cache budget allows."""
+        if self.cached_bytes + len(data) <= self.settings.body_cache_bytes:
+            msg.data = data
+            self.cached_bytes += len(data)
+
+    def _drop_body(self, msg: Msg) -> None:
+        if msg.data is not None:
+            self.cached_bytes -= len(msg.data)
+            msg.data = None
+
+    def _make_ready(self, q: SchedQueue, msg: Msg, front: bool = False) -> None:
+        if front:
+            q.ready.appendleft(msg)
+        else:
+            q.ready.append(msg)
+        if q.name not in self._active_set:
+            self._active_set.add(q.name)
+            self.active.append(q)
+
+    def promote_due(self, now: float, limit: int = 10_000) -> int:
+        """Move messages whose retry time has come into their queues' ready lists."""
+        handles = self.due.pop_due(now, limit)
+        for h in handles:
+            msg = self.msgs.get(h)
+            if msg is None:
+                continue
+            q = self.queues[msg.env.queue]
+            q.delayed -= 1
+            self._make_ready(q, msg)
+        return len(handles)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def dispatch(self, now: float) -> int:
+        """Hand ready messages to workers, queue by queue in turn, by weighted selection."""
+        out: dict[int, list[Job]] = {}
+        sent = 0
+        for _ in range(len(self.active)):
+            q = self.active[0]
+            self.active.rotate(-1)
+            sent += self._dispatch_queue(q, now, out)
+        while self.active and not self.active[0].ready:
+            self._active_set.discard(self.active.popleft().name)
+        # Drop emptied queues from the rotation wherever they sit.
+        if len(self._active_set) != sum(1 for q in self.active if q.ready):
+            keep = deque(q for q in self.active if q.ready)
+            self._active_set = {q.name for q in keep}
+            self.active = keep
+        for src, jobs in out.items():
+            self.send_jobs(src, jobs)
+        return sent
+
+    def _dispatch_queue(self, q: SchedQueue, now: float, out: dict[int, list[Job]]) -> int:
+        if not q.ready:
+            return 0
+        config = q.config
+        if config is None:
+            self._queue_problem(q, now, q.error or "queue has no configuration", "4.3.0")
+            return 0
+        site = site_for(config)
+        if site is None:
+            self._queue_problem(
+                q, now,
+                f"queue {q.name} has no mx_list and MX lookups are not available yet; "
+                "set mx_list in get_queue_config", "4.4.3",
+            )
+            return 0
+        pool = config.egress_pool
+        sel = self.selectors[pool]
+        n = 0
+        while q.ready and n < self.settings.quantum:
+            src = sel.pick()
+            if src < 0:
+                if not any(self.live[s] for s in sel.sources):
+                    why = (
+                        f"egress pool {pool} has no sources"
+                        if not sel.sources
+                        else f"no eligible source in egress pool {pool}: "
+                        + ", ".join(self._source_state(s) for s in sel.sources)
+                    )
+                    self._queue_problem(q, now, why, "4.4.5")
+                break
+            msg = q.ready.popleft()
+            data = msg.data if msg.data is not None else self.spool.load_data(msg.msg_id)
+            if data is None:
+                log.error("message %s vanished from the spool; dropping it from memory", msg.msg_id)
+                self.msgs.pop(msg.handle, None)
+                continue
+            job_id = next(self._jobs)
+            self.ledger.take(src)
+            self.picks[pool][src] += 1
+            self.inflight[job_id] = _Inflight(msg, src, pool, q, now, site[0])
+            self.by_source[src].add(job_id)
+            env = msg.env
+            out.setdefault(src, []).append(
+                Job(job_id, msg.msg_id, env.sender, env.recipients, data, site[1], site[0])
+            )
+            n += 1
+        return n
+
+    def _source_state(self, src: int) -> str:
+        name = self.sources[src].name
+        if not self.live[src]:
+            return f"{name} (down)"
+        return f"{name} (busy)"
+
+    def _queue_problem(self, q: SchedQueue, now: float, why: str, enhanced: str) -> None:
+        """Defer every ready message of a queue that cannot send now, with the reason."""
+        while q.ready:
+            msg = q.ready.popleft()
+            for rcpt in msg.env.recipients:
+                self._record("TransientFailure", msg, rcpt, now, 451, enhanced, why, None)
+            self._retry_or_expire(q, msg, now, list(msg.env.recipients), problem=True)
+
+    # -- outcomes ----------------------------------------------------------------------------
+    def handle_results(self, src: int, results: list[JobResult], now: float) -> None:
+        """Apply a worker's results: log, then delete, reschedule or expire each message."""
+        for res in results:
+            job = self.inflight.pop(res.job_id, None)
+            if job is None:
+                log.warning("result for unknown job %d from %s ignored (lease passed?)",
+                            res.job_id, self.sources[src].name)
+                continue
+            self.by_source[job.source].discard(res.job_id)
+            self.ledger.release(job.source)
+            msg = job.msg
+            pending: list[str] = []
+            sa = res.source_address
+            for r in res.results:
+                if r.status == DELIVERED:
+                    kind = "Delivery"
+                    self.delivered[job.source] += 1
+                elif r.status == PERMANENT:
+                    kind = "Bounce"
+                else:
+                    kind = "TransientFailure"
+                    pending.append(r.recipient)
+                self._record(
+                    kind, msg, r.recipient, now, r.code, r.enhanced_code, r.text, r.command,
+                    source=job.source, pool=job.pool, site=job.site, src_addr=sa,
+                    peer={"name": res.peer_name, "addr": res.peer_addr},
+                    possible_duplicate=res.possible_duplicate and kind == "TransientFailure",
+                )
+            if pending:
+                msg.env.recipients = pending
+                self._retry_or_expire(job.queue, msg, now, pending)
+            else:
+                self._finish(msg)
+
+    def _finish(self, msg: Msg) -> None:
+        self._drop_body(msg)
+        self.msgs.pop(msg.handle, None)
+        self._deletes.append(msg.msg_id)
+
+    def _retry_or_expire(
+        self, q: SchedQueue, msg: Msg, now: float, pending: list[str], problem: bool = False
+    ) -> None:
+        config = q.config or QueueConfig()
+        if problem and self.settings.problem_retry is not None:
+            delay = self.settings.problem_retry
+        else:
+            delay = next_retry_delay(config, msg.attempts)
+        msg.attempts += 1
+        if now + delay > msg.env.created + config.max_age:
+            for rcpt in pending:
+                self._record(
+                    "Expiration", msg, rcpt, now, 551, "5.4.7",
+                    f"message expired: next attempt would pass max_age {config.max_age:.0f}s",
+                    None,
+                )
+            self._finish(msg)
+            return
+        msg.due = now + delay
+        self._drop_body(msg)
+        q.delayed += 1
+        self.due.push(msg.due, msg.handle)
+        self._reschedules.append((msg.msg_id, msg.env, msg.due, msg.attempts))
+
+    def _record(
+        self, kind: str, msg: Msg, rcpt: str | list[str], now: float, code: int, enhanced: str | None,
+        text: str, command: str | None, *, source: int | None = None, pool: str | None = None,
+        site: str | None = None, src_addr: str | None = None,
+        peer: dict[str, str | None] | None = None, possible_duplicate: bool = False,
+    ) -> None:
+        env = msg.env
+        source_def = self.sources[source] if source is not None else None
+        rec: dict[str, Any] = {
+            "type": kind,
+            "id": msg.msg_id,
+            "sender": env.sender,
+            "recipient": rcpt,
+            "queue": env.queue,
+            "site": site or "",
+            "size": msg.size,
+            "response": response_dict(code, enhanced, text, command),
+            "peer_address": peer,
+            "timestamp": int(now),
+            "created": int(env.created),
+            "num_attempts": msg.attempts + (0 if kind == "Reception" else 1),
+            "egress_pool": pool,
+            "egress_source": source_def.name if source_def else None,
+            "source_address": (
+                {"address": src_addr or source_def.source_address} if source_def else None
+            ),
+            "meta": env.meta,
+        }
+        if possible_duplicate:
+            # The peer may have taken the message before the connection broke after the dot.
+            rec["possible_duplicate"] = True
+        self.logs.write(rec)
+
+    def record_reception(self, msg: Msg, now: float) -> None:
+        """Write the Reception record of a newly accepted message."""
+        rcpts = msg.env.recipients
+        self._record("Reception", msg, rcpts[0] if len(rcpts) == 1 else rcpts, now, 250, None,
+                     "accepted", None)
+
+    def commit_outcomes(self) -> None:
+        """Flush the log, then make deletions and reschedules durable in one commit."""
+        if not self._deletes and not self._reschedules:
+            return
+        self.logs.flush()
+        deletes, self._deletes = self._deletes, []
+        reschedules, self._reschedules = self._reschedules, []
+        self.spool.apply_outcomes(deletes, reschedules)
+
+    # -- workers -----------------------------------------------------------------------------
+    def worker_ready(self, src: int, credit: int) -> None:
+        """A worker (re)connected and can take `credit` jobs."""
+        self.live[src] = True
+        self.ledger.set_credit(src, credit)
+
+    def worker_gone(self, src: int, failed: bool) -> int:
+        """Return a dead worker's jobs to their queues; they will pick a source again."""
+        self.ledger.set_credit(src, 0)
+        self.ledger.reset_inflight(src)
+        if failed:
+            self.live[src] = False
+        n = 0
+        for job_id in sorted(self.by_source[src]):
+            job = self.inflight.pop(job_id, None)
+            if job is None:
+                continue
+            self._make_ready(job.queue, job.msg, front=True)
+            n += 1
+        self.by_source[src].clear()
+        self.requeued += n
+        if n:
+            log.warning("returned %d in-flight messages of %s to their queues",
+                        n, self.sources[src].name)
+        return n
+
+    def expire_leases(self, now: float) -> int:
+        """Hand jobs held past their lease to another attempt (at-least-once)."""
+        lease = self.settings.lease
+        stale = [j for j, x in self.inflight.items() if now - x.since > lease]
+        for job_id in stale:
+            job = self.inflight.pop(job_id)
+            self.by_source[job.source].discard(job_id)
+            self.ledger.release(job.source)
+            self._make_ready(job.queue, job.msg, front=True)
+        self.requeued += len(stale)
+        return len(stale)
+
+    def status(self) -> dict[str, Any]:
+        """Return counters for the status command and the demo."""
+        return {
+            "messages": len(self.msgs),
+            "inflight": len(self.inflight),
+            "delayed": len(self.due),
+            "requeued": self.requeued,
+            "recovered": self.recovered,
+            "ready": sum(len(q.ready) for q in self.queues.values()),
+            "records": dict(self.logs.counts),
+            "sources": {
+                s.name: {
+                    "source_address": s.source_address,
+                    "ehlo_domain": s.ehlo_domain,
+                    "credit": self.ledger.credit(i),
+                    "inflight": self.ledger.inflight(i),
+                    "delivered": self.delivered[i],
+                    "live": self.live[i],
+                }
+                for i, s in enumerate(self.sources)
+            },
+            "pools": {
+                p: {self.sources[i].name: n for i, n in enumerate(counts) if n}
+                for p, counts in self.picks.items()
+            },
+            "queues": {
+                q.name: {"ready": len(q.ready), "delayed": q.delayed, "error": q.error}
+                for q in self.queues.values()
+            },
+        }

@@ -1,0 +1,72 @@
+"""Delivery log records: one JSON object per line, in KumoMTA's record shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["LogWriter", "enhanced_code_dict", "response_dict"]
+
+
+def enhanced_code_dict(enhanced: str | None) -> dict[str, int] | None:
+    """Split "4.2.1" into KumoMTA's {class, subject, detail} form."""
+    if not enhanced:
+        return None
+    try:
+        cls, subject, detail = (int(p) for p in enhanced.split("."))
+    except ValueError:
+        return None
+    return {"class": cls, "subject": subject, "detail": detail}
+
+
+def response_dict(
+    code: int, enhanced: str | None, content: str, command: str | None
+) -> dict[str, Any]:
+    """Build the `response` field of a record."""
+    return {
+        "code": code,
+        "enhanced_code": enhanced_code_dict(enhanced),
+        "content": content,
+        "command": command,
+    }
+
+
+class LogWriter:
+    """Append records to a per-start JSON-lines file in the log directory."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None, nodeid: str | None = None) -> None:
+        self.nodeid = nodeid or socket.gethostname()
+        self.fh: IO[str] | None = None
+        self.path: Path | None = None
+        if directory is not None:
+            d = Path(directory)
+            d.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            self.path = d / f"{stamp}-{os.getpid()}.jsonl"
+            self.fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+        self.counts: dict[str, int] = {}
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Write one record (flushed by flush())."""
+        kind = record["type"]
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.fh is not None:
+            record.setdefault("nodeid", self.nodeid)
+            self.fh.write(json.dumps(record, separators=(",", ":")))
+            self.fh.write("\n")
+
+    def flush(self) -> None:
+        """Push buffered records to the file (called before the spool forgets a message)."""
+        if self.fh is not None:
+            self.fh.flush()
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        if self.fh is not None:
+            self.fh.flush()
+            self.fh.close()
+            self.fh = None

@@ -1,0 +1,343 @@
+"""The coordinator process: sockets, the main loop, signals, supervision and shutdown."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+
+from kumopy import sdnotify
+from kumopy.coordinator.arbiter import Arbiter, WorkerSlot
+from kumopy.coordinator.core import CoreSettings, QueueCore
+from kumopy.coordinator.ingress import Ingress
+from kumopy.coordinator.logs import LogWriter
+from kumopy.coordinator.queues import Msg
+from kumopy.coordinator.spool import SpoolStore
+from kumopy.errors import ConfigError, KumoError, ProtocolError
+from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.ipc.messages import Limits, decode_results, encode_jobs
+from kumopy.policy import Policy
+from kumopy.worker.jobs import Job
+
+__all__ = ["DEFAULT_ENDPOINT", "Coordinator", "RunOptions", "check_listen_endpoint"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:2025"
+_INGRESS_BATCH = 256
+
+
+@dataclass(slots=True)
+class RunOptions:
+    """What `kumopy run` was asked to do."""
+
+    listen: str = DEFAULT_ENDPOINT
+    spool_dir: str = "var/spool"
+    log_dir: str | None = "var/log"
+    fsync: bool = True
+    min_free_bytes: int = 64 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
+    credit: int = 256
+    drain_timeout: float = 30.0
+    allow_remote: bool = False
+    core: CoreSettings = field(default_factory=CoreSettings)
+    worker_args: list[str] = field(default_factory=list)
+    ready_file: str | None = None
+    """Write the bound ingress endpoint here once every worker is ready (tests, demo)."""
+
+
+def check_listen_endpoint(endpoint: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback tcp endpoint unless the operator allowed it explicitly."""
+    if not endpoint.startswith("tcp://"):
+        if endpoint.startswith(("ipc://", "inproc://")):
+            return
+        raise ConfigError(f"--listen {endpoint!r}: use tcp://HOST:PORT or ipc://PATH")
+    host = urlsplit(endpoint).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not allow_remote:
+        raise ConfigError(
+            f"--listen {endpoint!r} is not a loopback address; injection has no authentication "
+            "yet, so pass --allow-remote-ingress to listen there anyway"
+        )
+
+
+class Coordinator:
+    """Own the policy, spool and queues; feed the workers; answer injectors."""
+
+    def __init__(self, policy: Policy, options: RunOptions) -> None:
+        check_listen_endpoint(options.listen, options.allow_remote)
+        self.options = options
+        self.policy = policy
+        self.spool = SpoolStore(
+            options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_bytes
+        )
+        self.logs = LogWriter(options.log_dir)
+        self.core = QueueCore(policy, self.spool, self.logs, self._send_jobs, options.core)
+        self.ingress_handler = Ingress(self.core, options.limits, self.status)
+        self.ctx = zmq.Context()
+        self.run_dir = tempfile.mkdtemp(prefix="kumopy-")
+        self.worker_endpoint = f"ipc://{self.run_dir}/workers"
+        self.workers = self._socket(zmq.ROUTER)
+        self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.workers.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.workers.bind(self.worker_endpoint)
+        self.ingress = self._socket(zmq.ROUTER)
+        self.ingress.bind(options.listen)
+        self.endpoint = self.ingress.getsockopt_string(zmq.LAST_ENDPOINT)
+        args = ["--credit", str(options.credit), *options.worker_args]
+        self.arbiter = Arbiter(self.core.sources, self.worker_endpoint, self._worker_exited, args)
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.stopping = False
+        self._ready_announced = False
+        self._ready_seen: set[int] = set()
+
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        return sock
+
+    # -- signals: handlers only enqueue -------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _dispatch_signals(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig == signal.SIGCHLD:
+                self.arbiter.reap()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                if not self.stopping:
+                    log.info("received %s; draining", signal.Signals(sig).name)
+                    self.begin_stop()
+            elif sig == signal.SIGHUP:
+                log.warning("SIGHUP: live policy reload is not supported yet; restart to reload")
+
+    # -- start -------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Load every message of the spool into its queue."""
+        now = time.time()
+        n = 0
+        for rec in self.spool.recover():
+            env = rec.env
+            domain = env.queue.rsplit("@", 1)[-1].split(":")[-1]
+            tenant = env.meta.get("tenant")
+            campaign = env.meta.get("campaign")
+            q = self.core.queue_for(domain, tenant, campaign)
+            env.queue = q.name
+            msg = Msg(self.core.new_handle(), rec.msg_id, env, rec.size, rec.attempts, rec.due)
+            self.core.add(msg, now)
+            n += 1
+        self.core.recovered = n
+        if n:
+            log.info("recovered %d messages from the spool", n)
+        return n
+
+    def run(self) -> int:
+        """Run until stopped; return the process exit code."""
+        self._install_signals()
+        self.recover()
+        self.arbiter.start_all()
+        poller = zmq.Poller()
+        poller.register(self.ingress, zmq.POLLIN)
+        poller.register(self.workers, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        last_tick = last_watchdog = 0.0
+        stop_deadline = 0.0
+        busy = False
+        try:
+            while True:
+                now = time.time()
+                timeout = 0 if busy else self._poll_timeout(now)
+                events = dict(poller.poll(timeout))
+                if self._wake_r.fileno() in events or self._signals:
+                    self._dispatch_signals()
+                if self.workers in events:
+                    self._read_workers()
+                if self.ingress in events:
+                    self._read_ingress()
+                now = time.time()
+                self.core.promote_due(now)
+                # Spin without sleeping only while dispatch makes progress and work remains.
+                busy = False
+                if not self.stopping:
+                    busy = self.core.dispatch(now) > 0 and bool(self.core.active)
+                self.core.commit_outcomes()
+                mono = time.monotonic()
+                if mono - last_tick >= 0.2:
+                    last_tick = mono
+                    self.arbiter.tick()
+                    self.core.expire_leases(now)
+                    if mono - last_watchdog >= 1.0:
+                        last_watchdog = mono
+                        sdnotify.notify("WATCHDOG=1")
+                if self.stopping:
+                    if not stop_deadline:
+                        stop_deadline = mono + self.options.drain_timeout
+                    if not self.arbiter.alive():
+                        break
+                    if mono > stop_deadline:
+                        log.warning("drain timeout passed; killing remaining workers")
+                        self.arbiter.terminate_all(signal.SIGKILL)
+                        self.arbiter.wait_all(mono + 5)
+                        break
+        finally:
+            self.shutdown()
+        return 0
+
+    def _poll_timeout(self, now: float) -> int:
+        nxt = self.core.due.next_due()
+        wait = min(0.2, max(0.0, nxt - now))
+        return int(wait * 1000) + (1 if wait > 0 else 0)
+
+    # -- sockets -----------------------------------------------------------------------------
+    def _read_ingress(self) -> None:
+        batch = []
+        for _ in range(_INGRESS_BATCH):
+            try:
+                batch.append(self.ingress.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        for reply in self.ingress_handler.handle_batch(batch):
+            try:
+                self.ingress.send_multipart(reply, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("cannot answer an injector: %s", exc)
+
+    def _read_workers(self) -> None:
+        now = time.time()
+        for _ in range(1024):
+            try:
+                frames = self.workers.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            name = frames[0].bytes.decode("utf-8", "replace")
+            src = self.core.source_index.get(name)
+            if src is None or len(frames) < 2:
+                log.warning("message from unknown worker %r ignored", name)
+                continue
+            try:
+                header = decode_header(frames[1].buffer)
+                self._worker_message(src, header, now)
+            except (KumoError, KeyError, TypeError, ValueError) as exc:
+                # A bad frame from a worker is logged and dropped; it must not stop the loop.
+                log.error("bad message from worker %s: %s", name, exc)
+
+    def _worker_message(self, src: int, header: dict[str, Any], now: float) -> None:
+        kind = header["kind"]
+        self.arbiter.seen(src)
+        if kind == "results":
+            self.core.handle_results(src, decode_results(header), now)
+        elif kind == "ready":
+            credit = int(header["credit"])
+            log.info("worker %s ready (pid %s, credit %d)",
+                     self.core.sources[src].name, header.get("pid"), credit)
+            self.core.worker_ready(src, credit)
+            self._ready_seen.add(src)
+            self._maybe_announce_ready()
+        elif kind == "heartbeat":
+            pass
+        elif kind == "bye":
+            self.core.ledger.set_credit(src, 0)
+        else:
+            raise ProtocolError(f"unknown worker message kind {kind!r}")
+
+    def _maybe_announce_ready(self) -> None:
+        if self._ready_announced:
+            return
+        expected = {s.index for s in self.arbiter.slots if s.failed is None}
+        if not expected <= self._ready_seen:
+            return
+        self._ready_announced = True
+        log.info("coordinator ready on %s with %d workers", self.endpoint, len(expected))
+        sdnotify.notify("READY=1")
+        if self.options.ready_file:
+            tmp = Path(self.options.ready_file + ".tmp")
+            tmp.write_text(self.endpoint)
+            tmp.replace(self.options.ready_file)
+
+    def _send_jobs(self, src: int, jobs: list[Job]) -> None:
+        name = self.core.sources[src].name.encode()
+        try:
+            self.workers.send_multipart([name, *encode_jobs(jobs)], copy=False)
+        except zmq.ZMQError as exc:
+            # The worker vanished between Ready and now: give the jobs back right away.
+            log.warning("worker %s unreachable (%s); requeueing %d jobs",
+                        name.decode(), exc, len(jobs))
+            self.core.worker_gone(src, failed=False)
+
+    def _worker_exited(self, slot: WorkerSlot, reason: str) -> None:
+        self._ready_seen.discard(slot.index)
+        self.core.worker_gone(slot.index, failed=slot.failed is not None)
+        self._maybe_announce_ready()
+
+    def status(self) -> dict[str, Any]:
+        """Return the queue counters plus each worker's pid and failure, if any."""
+        st = self.core.status()
+        st["workers"] = {s.source.name: s.pid for s in self.arbiter.slots}
+        st["failures"] = {s.source.name: s.failed for s in self.arbiter.slots if s.failed}
+        st["spool"] = {"accepted": self.ingress_handler.accepted,
+                       "rejected": self.ingress_handler.rejected}
+        return st
+
+    # -- stop --------------------------------------------------------------------------------
+    def begin_stop(self) -> None:
+        """Stop taking messages and ask every worker to finish what it holds."""
+        self.stopping = True
+        self.arbiter.stopping = True
+        self.ingress_handler.refusing = "coordinator is shutting down; try again later"
+        sdnotify.notify("STOPPING=1")
+        stop = encode_header("stop", timeout=self.options.drain_timeout)
+        for slot in self.arbiter.alive():
+            try:
+                self.workers.send_multipart([slot.source.name.encode(), stop])
+            except zmq.ZMQError:
+                self.arbiter.terminate_all()
+
+    def shutdown(self) -> None:
+        """Close everything; messages still in flight stay in the spool for the next start."""
+        self.arbiter.stopping = True
+        if self.arbiter.alive():
+            self.arbiter.terminate_all()
+            if not self.arbiter.wait_all(time.monotonic() + 5):
+                self.arbiter.terminate_all(signal.SIGKILL)
+                self.arbiter.wait_all(time.monotonic() + 5)
+        try:
+            self.core.commit_outcomes()
+        except KumoError as exc:
+            log.error("final spool update failed: %s", exc)
+        self.logs.close()
+        self.spool.close()
+        self.ingress.close(0)
+        self.workers.close(0)
+        self.ctx.term()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.options.ready_file:
+            Path(self.options.ready_file).unlink(missing_ok=True)

@@ -1,0 +1,424 @@
+"""The policy API (`kumo`), and loading a policy file into a validated Config."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import os
+import sys
+import types
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+from kumopy.config import (
+    UNSPECIFIED,
+    Config,
+    EntryDefinition,
+    PoolDefinition,
+    QueueConfig,
+    SourceDefinition,
+    build_config,
+    parse_duration,
+    parse_mx_host,
+)
+from kumopy.errors import ConfigError, ConfigIssue, PolicyError
+from kumopy.sources_file import SourcesMerger, read_sources_file
+
+__all__ = ["EVENTS", "KumoNamespace", "Policy", "kumo", "load_policy"]
+
+logger = logging.getLogger(__name__)
+
+EVENTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
+    {"init": (), "get_queue_config": ("domain", "tenant", "campaign", "routing_domain")}
+)
+"""Events a policy may handle, with the arguments each handler receives."""
+
+_QUEUE_OPTIONS = ("egress_pool", "retry_interval", "max_retry_interval", "max_age", "mx_list")
+_RESERVED_QUEUE_OPTIONS = ("max_message_rate", "protocol")
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+def _caller(depth: int = 2) -> str:
+    """Return `file:line` of the code that called the public API function."""
+    frame = sys._getframe(depth)
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class _Loader:
+    """Everything one policy load collects; discarded if the load fails."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.base = path.parent if path is not None else Path.cwd()
+        self.sources: list[SourceDefinition] = []
+        self.pools: list[PoolDefinition] = []
+        self.handlers: dict[str, list[tuple[Callable[..., Any], str]]] = {e: [] for e in EVENTS}
+        self.issues: list[ConfigIssue] = []
+        self.merger = SourcesMerger()
+
+    def add_sources_file(self, path: Path) -> None:
+        """Read and merge one sources file."""
+        file = read_sources_file(path)
+        self.issues.extend(file.issues)
+        sources, pools = self.merger.add(file)
+        self.sources.extend(sources)
+        self.pools.extend(pools)
+
+    def failure(self, exc: BaseException, what: str) -> None:
+        """Record an exception raised by the policy, located at its deepest policy line."""
+        if isinstance(exc, ConfigError):
+            self.issues.extend(exc.issues)
+            return
+        filename = str(self.path)
+        where = _raised_at(exc, filename) or filename
+        if isinstance(exc, SyntaxError) and exc.filename == filename:
+            where = f"{filename}:{exc.lineno}"
+            problem = f"syntax error: {exc.msg}"
+        else:
+            problem = f"{what} raised {type(exc).__name__}: {exc}"
+        self.issues.append(ConfigIssue(where, "policy", "", problem))
+
+
+def _raised_at(exc: BaseException, filename: str) -> str | None:
+    """Return `file:line` of the innermost traceback frame in filename, or None."""
+    where = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            where = f"{filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
+
+
+_loading: ContextVar[_Loader | None] = ContextVar("kumopy_policy_loading", default=None)
+
+
+def _current(function: str) -> _Loader:
+    """Return the loader of the policy being loaded, or raise if there is none."""
+    loader = _loading.get()
+    if loader is None:
+        raise PolicyError(
+            f"kumo.{function}() can only be called while a policy file is being loaded "
+            "(by load_policy or `kumopy check-config`)"
+        )
+    return loader
+
+
+def _options(spec: Mapping[str, Any] | None, options: dict[str, Any]) -> dict[str, Any]:
+    """Merge the Lua-style single-table argument with keyword arguments."""
+    if spec is None:
+        return options
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"expected a dict of options, not {type(spec).__name__}")
+    return {**spec, **options}
+
+
+class KumoNamespace:
+    """The `kumo` object policies call, as KumoMTA's Lua policies call `kumo`."""
+
+    __slots__ = ()
+
+    @overload
+    def on(self, event: str) -> Callable[[_Handler], _Handler]: ...
+
+    @overload
+    def on(self, event: str, handler: _Handler) -> _Handler: ...
+
+    def on(self, event: str, handler: Any = None) -> Any:
+        """Register handler for event; without handler, return a decorator doing so."""
+        loader = _current("on")
+        where = _caller()
+
+        def register(fn: _Handler) -> _Handler:
+            _register(loader, event, fn, where)
+            return fn
+
+        return register if handler is None else register(handler)
+
+    def define_egress_source(
+        self, spec: Mapping[str, Any] | None = None, /, **options: Any
+    ) -> None:
+        """Define an egress source: name, source_address, ehlo_domain, remote_port."""
+        loader = _current("define_egress_source")
+        options = _options(spec, options)
+        name = options.pop("name", None)
+        loader.sources.append(SourceDefinition(name, options, _caller()))
+
+    def define_egress_pool(self, spec: Mapping[str, Any] | None = None, /, **options: Any) -> None:
+        """Define an egress pool: name and entries=[{"name": source, "weight": n}, ...]."""
+        loader = _current("define_egress_pool")
+        where = _caller()
+        options = _options(spec, options)
+        name = options.pop("name", None)
+        raw = options.pop("entries", [])
+        entries: list[EntryDefinition] = []
+        problem = None
+        if isinstance(raw, list | tuple):
+            entries = [EntryDefinition(v, f"entries[{i}]", where) for i, v in enumerate(raw)]
+        else:
+            kind = type(raw).__name__
+            problem = f'must be a list like [{{"name": "ip-1", "weight": 1}}], not a {kind}'
+        loader.pools.append(PoolDefinition(name, entries, where, options, problem))
+
+    def load_sources(self, *paths: str | os.PathLike[str] | Sequence[str]) -> None:
+        """Load sources TOML files, relative to the policy's directory, merging them in order."""
+        loader = _current("load_sources")
+        flat: list[str | os.PathLike[str]] = []
+        for path in paths:
+            if isinstance(path, list | tuple):
+                flat.extend(path)
+            else:
+                assert isinstance(path, str | os.PathLike)
+                flat.append(path)
+        for path in flat:
+            loader.add_sources_file(loader.base / path)
+
+    def make_queue_config(
+        self,
+        *,
+        egress_pool: str = UNSPECIFIED,
+        retry_interval: float | str = "20m",
+        max_retry_interval: float | str | None = None,
+        max_age: float | str = "7d",
+        mx_list: Sequence[str] | None = None,
+        **unknown: Any,
+    ) -> QueueConfig:
+        """Return the QueueConfig a get_queue_config handler hands back; raise ConfigError."""
+        options = {
+            "egress_pool": egress_pool,
+            "retry_interval": retry_interval,
+            "max_retry_interval": max_retry_interval,
+            "max_age": max_age,
+            "mx_list": mx_list,
+            **unknown,
+        }
+        return _make_queue_config(options, _caller())
+
+
+def _register(loader: _Loader, event: object, fn: object, where: str) -> None:
+    """Check and record one event handler."""
+    problem = None
+    if event not in EVENTS:
+        known = ", ".join(repr(e) for e in EVENTS)
+        problem = f"unknown event {event!r}; kumopy knows {known}"
+    elif not callable(fn) or inspect.iscoroutinefunction(fn):
+        problem = "the handler must be a plain (not async) function"
+    else:
+        assert isinstance(event, str)
+        try:
+            inspect.signature(fn).bind(*EVENTS[event])
+        except TypeError:
+            args = ", ".join(EVENTS[event]) or "no arguments"
+            problem = f"the {event} handler must accept ({args})"
+        except ValueError:
+            pass  # builtins without a signature: trust them
+        others = loader.handlers[event]
+        if event != "init" and others:
+            problem = f"a {event} handler is already registered at {others[0][1]}; keep one"
+    if problem is not None:
+        loader.issues.append(ConfigIssue(where, f"event {event!r}", "", problem))
+        return
+    assert isinstance(event, str)
+    loader.handlers[event].append((fn, where))  # type: ignore[arg-type]
+
+
+def _queue_option(key: str, value: object) -> object:
+    """Validate one make_queue_config option; raise ValueError naming the problem."""
+    if key == "egress_pool":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"must be the name of a pool, not {value!r}")
+        return value
+    if key == "mx_list":
+        if value is None:
+            return None
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            example = '["mx.example.com:2525"]'
+            raise ValueError(f"must be a list of hosts like {example}, not {value!r}")
+        if not value:
+            raise ValueError("is empty; leave mx_list out to look up MX records")
+        hosts = []
+        for i, item in enumerate(value):
+            try:
+                hosts.append(parse_mx_host(item))
+            except ConfigError as exc:
+                raise ValueError(f"item {i}: {exc.issues[0].problem}") from None
+        return tuple(hosts)
+    if key == "max_retry_interval" and value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ConfigError as exc:
+        raise ValueError(exc.issues[0].problem) from None
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+def _make_queue_config(options: Mapping[str, object], where: str) -> QueueConfig:
+    """Validate make_queue_config options; return a QueueConfig or raise ConfigError."""
+    issues: list[ConfigIssue] = []
+    values: dict[str, Any] = {}
+    obj = "queue config"
+    for key, value in options.items():
+        if key in _RESERVED_QUEUE_OPTIONS:
+            issues.append(ConfigIssue(where, obj, key, "not supported yet by kumopy; remove it"))
+        elif key not in _QUEUE_OPTIONS:
+            close = difflib.get_close_matches(key, _QUEUE_OPTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problem = f"unknown option{hint}; known options: {', '.join(_QUEUE_OPTIONS)}"
+            issues.append(ConfigIssue(where, obj, key, problem))
+        else:
+            try:
+                values[key] = _queue_option(key, value)
+            except ValueError as exc:
+                issues.append(ConfigIssue(where, obj, key, str(exc)))
+    cap, retry = values.get("max_retry_interval"), values.get("retry_interval", 1200.0)
+    if cap is not None and cap < retry:
+        problem = f"{cap:g}s is shorter than retry_interval ({retry:g}s)"
+        issues.append(ConfigIssue(where, obj, "max_retry_interval", problem))
+    if issues:
+        raise ConfigError(issues)
+    return QueueConfig(**values)
+
+
+kumo = KumoNamespace()
+"""The policy API: `from kumopy import kumo`."""
+
+
+def _queue_name(domain: str, tenant: str | None, campaign: str | None) -> str:
+    """Return the scheduled queue name `campaign:tenant@domain`, parts optional."""
+    name = f"{tenant}@{domain}" if tenant else domain
+    return f"{campaign}:{name}" if campaign else name
+
+
+class Policy:
+    """A loaded policy: its validated Config and its get_queue_config handler."""
+
+    __slots__ = ("_queue_handler", "config", "path")
+
+    def __init__(
+        self,
+        config: Config,
+        path: Path | None = None,
+        queue_handler: tuple[Callable[..., Any], str] | None = None,
+    ) -> None:
+        self.config = config
+        """The validated sources and pools."""
+        self.path = path
+        """The policy file, or None when only sources files were loaded."""
+        self._queue_handler = queue_handler
+
+    def queue_config(
+        self,
+        domain: str,
+        tenant: str | None,
+        campaign: str | None,
+        routing_domain: str | None = None,
+    ) -> QueueConfig:
+        """Ask get_queue_config for a queue's config; raise PolicyError if it is unusable."""
+        queue = _queue_name(domain, tenant, campaign)
+        if self._queue_handler is None:
+            result = QueueConfig()
+        else:
+            handler, where = self._queue_handler
+            try:
+                answer: object = handler(domain, tenant, campaign, routing_domain)
+            except Exception as exc:
+                code = getattr(handler, "__code__", None)
+                line = _raised_at(exc, code.co_filename) if code is not None else None
+                raise PolicyError(
+                    f"get_queue_config ({where}) failed for queue {queue!r}"
+                    f"{f' at {line}' if line else ''}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if not isinstance(answer, QueueConfig):
+                raise PolicyError(
+                    f"get_queue_config ({where}) returned {type(answer).__name__} for queue "
+                    f"{queue!r}; it must return kumo.make_queue_config(...)"
+                )
+            result = answer
+        if result.egress_pool not in self.config.pools:
+            known = ", ".join(self.config.pools)
+            raise PolicyError(
+                f"queue {queue!r} names unknown egress pool {result.egress_pool!r}; "
+                f"known pools: {known}"
+            )
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        """Return the sources and pools as JSON-ready dicts (for check-config --json)."""
+        pools_of: dict[str, list[str]] = {name: [] for name in self.config.sources}
+        pools = []
+        for pool in self.config.pools.values():
+            total = sum(entry.weight for entry in pool.entries)
+            entries = []
+            for entry in pool.entries:
+                pools_of[entry.name].append(pool.name)
+                share = round(100.0 * entry.weight / total, 1)
+                entries.append({"name": entry.name, "weight": entry.weight, "share": share})
+            pools.append({"name": pool.name, "entries": entries})
+        sources = [
+            {**source.to_dict(), "family": source.family, "pools": pools_of[name]}
+            for name, source in self.config.sources.items()
+        ]
+        return {"sources": sources, "pools": pools}
+
+
+def _run_file(loader: _Loader, path: Path) -> bool:
+    """Execute the policy file and its init handlers; return False if any of it failed."""
+    try:
+        code = compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+    except OSError as exc:
+        problem = "file not found" if isinstance(exc, FileNotFoundError) else str(exc)
+        loader.issues.append(ConfigIssue(str(path), "policy", "", problem))
+        return False
+    except (SyntaxError, ValueError) as exc:
+        loader.failure(exc, "compiling")
+        return False
+    module = types.ModuleType("kumopy_policy", f"kumopy policy {path}")
+    module.__file__ = str(path)
+    # The policy runs as trusted operator code, like KumoMTA's Lua policy.
+    try:
+        exec(code, module.__dict__)
+    except (Exception, SystemExit) as exc:
+        loader.failure(exc, "the policy")
+        return False
+    for handler, where in list(loader.handlers["init"]):
+        try:
+            handler()
+        except (Exception, SystemExit) as exc:
+            loader.failure(exc, f"init handler ({where})")
+            return False
+    return True
+
+
+def load_policy(
+    path: str | os.PathLike[str] | None,
+    sources: Sequence[str | os.PathLike[str]] = (),
+) -> Policy:
+    """Load a policy file and extra sources files; raise ConfigError listing every problem."""
+    policy_path = Path(path) if path is not None else None
+    loader = _Loader(policy_path)
+    ran = True
+    token = _loading.set(loader)
+    try:
+        if policy_path is not None:
+            ran = _run_file(loader, policy_path)
+    finally:
+        _loading.reset(token)
+    if not ran:
+        raise ConfigError(loader.issues)
+    for extra in sources:
+        loader.add_sources_file(Path(extra))
+    config = build_config(loader.sources, loader.pools, loader.issues)
+    handlers = loader.handlers["get_queue_config"]
+    logger.debug(
+        "loaded policy %s: %d sources, %d pools",
+        policy_path,
+        len(config.sources),
+        len(config.pools),
+    )
+    return Policy(config, policy_path, handlers[0] if handlers else None)

@@ -1,0 +1,523 @@
+"""The worker's delivery engine: per-site ready queues, connection pools and SMTP transactions."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from kumopy.config import EgressSource
+from kumopy.errors import DeliveryError, InjectionError, SMTPReplyError
+from kumopy.smtp.client import SMTPClient, Timeouts, is_bind_failure
+from kumopy.smtp.replies import Reply, synthesized
+from kumopy.smtp.wire import encode_data, wire_address
+from kumopy.worker.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, RecipientResult
+
+__all__ = ["Deliverer"]
+
+log = logging.getLogger(__name__)
+
+_FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6, None: socket.AF_UNSPEC}
+
+# (host name as listed, IP address, port)
+_Candidate = tuple[str, str, int]
+
+
+def _status(reply: Reply) -> str:
+    """Map a reply to DELIVERED, TRANSIENT or PERMANENT."""
+    if reply.code < 400:
+        return DELIVERED
+    return PERMANENT if reply.code >= 500 else TRANSIENT
+
+
+def _result(recipient: str, reply: Reply) -> RecipientResult:
+    """Build one recipient's result from the reply that decided it."""
+    return RecipientResult(
+        recipient, _status(reply), reply.code, reply.enhanced_code, reply.text, reply.command
+    )
+
+
+def _resolve_waiter(fut: asyncio.Future[Job | None]) -> None:
+    """Release an idle connection's wait with no job (call_later callback)."""
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Site:
+    """The ready queue and connection pool of one destination site."""
+
+    __slots__ = (
+        "busy",
+        "connecting",
+        "counts",
+        "name",
+        "open",
+        "opened",
+        "queue",
+        "waiters",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: deque[Job] = deque()
+        self.waiters: deque[asyncio.Future[Job | None]] = deque()
+        """Idle connections waiting for a job; submit() hands the job straight to one."""
+        self.open = 0
+        self.connecting = 0
+        self.busy = 0
+        self.opened = 0
+        self.counts = {DELIVERED: 0, TRANSIENT: 0, PERMANENT: 0}
+
+
+class _Prepared:
+    """A job ready for the wire: early results, recipient batches and the encoded body."""
+
+    __slots__ = ("batches", "job", "payload", "results")
+
+    def __init__(
+        self,
+        job: Job,
+        results: list[RecipientResult | None],
+        batches: list[list[int]],
+        payload: bytes,
+    ) -> None:
+        self.job = job
+        self.results = results
+        """One slot per recipient; filled early for addresses that cannot go on the wire."""
+        self.batches = batches
+        """Indexes of the recipients to send, max_recipients_per_batch per transaction."""
+        self.payload = payload
+
+
+class Deliverer:
+    """Deliver jobs from one egress source, keeping a pool of SMTP connections per site."""
+
+    def __init__(
+        self,
+        source: EgressSource,
+        on_result: Callable[[JobResult], None],
+        *,
+        connection_limit: int = 32,
+        max_deliveries_per_connection: int = 1024,
+        max_recipients_per_batch: int = 100,
+        timeouts: Timeouts | None = None,
+        hostname: str | None = None,
+    ) -> None:
+        for name, value in (
+            ("connection_limit", connection_limit),
+            ("max_deliveries_per_connection", max_deliveries_per_connection),
+            ("max_recipients_per_batch", max_recipients_per_batch),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        self.source = source
+        self._on_result = on_result
+        self._limit = connection_limit
+        self._max_deliveries = max_deliveries_per_connection
+        self._batch = max_recipients_per_batch
+        self._timeouts = timeouts or Timeouts()
+        # Never getfqdn(): it would query the system resolver.
+        self._ehlo = source.ehlo_domain or hostname or socket.gethostname()
+        self._family = _FAMILIES[source.family]
+        self._sites: dict[str, _Site] = {}
+        self._pending: dict[int, Job] = {}
+        """Jobs submitted and not yet reported, by id(job): each gets exactly one result."""
+        self._inflight: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._bind_failures = 0
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a job for delivery; never blocks (call from the event loop)."""
+        if self._draining:
+            self._fail_job(job, "kumopy: worker is shutting down, job not attempted")
+            return
+        self._pending[id(job)] = job
+        if not job.recipients:
+            self._report(job, JobResult(job.job_id, []))
+            return
+        site = self._sites.get(job.site)
+        if site is None:
+            site = self._sites[job.site] = _Site(job.site)
+        while site.waiters:
+            waiter = site.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(job)
+                return
+        site.queue.append(job)
+        self._maybe_connect(site)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking jobs, finish queued and in-flight ones within timeout, close connections."""
+        self._draining = True
+        for site in self._sites.values():
+            while site.waiters:
+                _resolve_waiter(site.waiters.popleft())
+        deadline = time.monotonic() + timeout
+        while self._tasks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for site in self._sites.values():
+            site.queue.clear()
+        for key, job in list(self._pending.items()):
+            dup = key in self._inflight
+            self._fail_job(job, "kumopy: worker stopped before the delivery finished", dup)
+
+    def stats(self) -> dict[str, Any]:
+        """Return counts per site and totals: connections, queued, in flight, outcomes."""
+        sites: dict[str, Any] = {}
+        totals = {DELIVERED: 0, TRANSIENT: 0, PERMANENT: 0}
+        for name, site in self._sites.items():
+            sites[name] = {
+                "connections": site.open,
+                "connecting": site.connecting,
+                "busy": site.busy,
+                "opened": site.opened,
+                "queued": len(site.queue),
+                **site.counts,
+            }
+            for key, value in site.counts.items():
+                totals[key] += value
+        return {
+            "source": self.source.name,
+            "connections": sum(s.open for s in self._sites.values()),
+            "queued": sum(len(s.queue) for s in self._sites.values()),
+            "in_flight": len(self._inflight),
+            "pending": len(self._pending),
+            "bind_failures": self._bind_failures,
+            "draining": self._draining,
+            **totals,
+            "sites": sites,
+        }
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def _report(self, job: Job, result: JobResult) -> None:
+        """Hand a job's one result to on_result, counting outcomes per site."""
+        key = id(job)
+        if self._pending.pop(key, None) is None:
+            log.error("job %s (%s) reported twice; second result dropped", job.job_id, job.msg_id)
+            return
+        self._inflight.discard(key)
+        site = self._sites.get(job.site)
+        if site is not None:
+            for r in result.results:
+                site.counts[r.status] += 1
+        try:
+            self._on_result(result)
+        except Exception:
+            log.exception("on_result failed for job %s", job.job_id)
+
+    def _fail_job(
+        self,
+        job: Job,
+        text: str,
+        possible_duplicate: bool = False,
+        *,
+        enhanced: str = "4.4.1",
+        peer: _Candidate | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        """Report every recipient of job as transient with a synthesized 451 reply."""
+        self._pending.setdefault(id(job), job)
+        reply = synthesized(451, enhanced, text)
+        result = JobResult(
+            job.job_id,
+            [_result(r, reply) for r in job.recipients],
+            peer_name=peer[0] if peer else None,
+            peer_addr=peer[1] if peer else None,
+            source_address=self.source.source_address,
+            possible_duplicate=possible_duplicate,
+        )
+        if extra:
+            result.extra.update(extra)
+        self._report(job, result)
+
+    # -- connection pool -------------------------------------------------------------------------
+
+    def _maybe_connect(self, site: _Site) -> None:
+        """Open one more connection if jobs wait that no opening connection will take."""
+        if len(site.queue) > site.connecting and site.open + site.connecting < self._limit:
+            site.connecting += 1
+            task = asyncio.get_running_loop().create_task(self._connection(site))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _next_job(self, site: _Site) -> Job | None:
+        """Return the next job of the site, waiting up to the idle timeout for one."""
+        if site.queue:
+            return site.queue.popleft()
+        if self._draining:
+            return None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Job | None] = loop.create_future()
+        site.waiters.append(fut)
+        handle = loop.call_later(self._timeouts.idle, _resolve_waiter, fut)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            if fut in site.waiters:
+                site.waiters.remove(fut)
+
+    async def _connection(self, site: _Site) -> None:
+        """Run one connection: open it, deliver queued jobs one after another, then close."""
+        try:
+            opened = await self._open(site)
+        finally:
+            site.connecting -= 1
+        if opened is None:
+            return
+        client, peer_name = opened
+        site.open += 1
+        site.opened += 1
+        ahead: _Prepared | None = None
+        try:
+            for n in range(self._max_deliveries, 0, -1):
+                if ahead is not None:
+                    prep, ahead = ahead, None
+                else:
+                    job = await self._next_job(site)
+                    if job is None:
+                        break
+                    if not client.usable:
+                        # The peer dropped the idle session; another connection takes the job.
+                        site.queue.appendleft(job)
+                        break
+                    prep = self._prepare(job)
+                site.busy += 1
+                self._inflight.add(id(prep.job))
+                try:
+                    ahead = await self._deliver(client, peer_name, prep, site, n > 1)
+                finally:
+                    site.busy -= 1
+                if not client.usable:
+                    break
+        finally:
+            site.open -= 1
+            if ahead is not None and id(ahead.job) in self._pending:
+                # Only its envelope went out, never its body: safe to hand to another connection.
+                site.queue.appendleft(ahead.job)
+            if client.usable and not self._cancelling():
+                await client.quit()
+            else:
+                client.close()
+            if site.queue and not self._cancelling():
+                self._maybe_connect(site)
+
+    def _cancelling(self) -> bool:
+        """Return True when the current task is being cancelled (drain deadline)."""
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+
+    async def _candidates(self, hosts: list[tuple[str, int]]) -> tuple[list[_Candidate], str]:
+        """Return the addresses of the source's family to try, and why others were skipped."""
+        loop = asyncio.get_running_loop()
+        want = self.source.family
+        out: list[_Candidate] = []
+        skipped: list[str] = []
+        for name, host_port in hosts:
+            port = self.source.remote_port or host_port
+            literal = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+            if literal[:5].lower() == "ipv6:":
+                literal = literal[5:]
+            try:
+                ip = ipaddress.ip_address(literal)
+            except ValueError:
+                pass
+            else:
+                fam = "ipv6" if ip.version == 6 else "ipv4"
+                if want is None or fam == want:
+                    out.append((name, str(ip), port))
+                else:
+                    skipped.append(f"{name} is {fam}")
+                continue
+            try:
+                infos = await loop.getaddrinfo(
+                    name, port, family=self._family, type=socket.SOCK_STREAM
+                )
+            except OSError as exc:
+                skipped.append(f"{name}: cannot resolve ({exc.strerror or exc})")
+                continue
+            seen: set[str] = set()
+            for info in infos:
+                addr = str(info[4][0])
+                if addr not in seen:
+                    seen.add(addr)
+                    out.append((name, addr, port))
+            if not seen:
+                skipped.append(f"{name} has no {want} address")
+        return out, "; ".join(skipped)
+
+    async def _open(self, site: _Site) -> tuple[SMTPClient, str] | None:
+        """Connect to the first host that greets us; on total failure fail the site's jobs."""
+        if not site.queue:
+            return None
+        hosts = site.queue[0].hosts
+        src = self.source.source_address
+        candidates, skipped = await self._candidates(hosts)
+        if not candidates:
+            listed = ", ".join(f"{h}:{p}" for h, p in hosts) or "none"
+            why = f"; {skipped}" if skipped else ""
+            text = (
+                f"kumopy: no {self.source.family or 'usable'} destination host for source "
+                f"{self.source.name!r} ({src or 'unbound'}) among {listed}{why}"
+            )
+            self._fail_site(site, text, enhanced="4.4.4")
+            return None
+        reasons: list[str] = []
+        last: _Candidate | None = None
+        for cand in candidates:
+            name, addr, port = last = cand
+            client = SMTPClient()
+            try:
+                await client.connect(
+                    addr, port, source_address=src, ehlo_domain=self._ehlo, timeouts=self._timeouts
+                )
+            except DeliveryError as exc:
+                if is_bind_failure(exc):
+                    self._bind_failures += 1
+                    code = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "unknown")
+                    log.warning("source %s: %s", self.source.name, exc.message)
+                    extra: dict[str, object] = {"bind_failed": src, "errno": code}
+                    self._fail_site(site, f"kumopy: {exc.message}", peer=cand, extra=extra)
+                    return None
+                reasons.append(exc.message)
+                continue
+            except SMTPReplyError as exc:
+                reasons.append(f"{addr}:{port} answered {exc.command or 'banner'} with {exc}")
+                continue
+            except ValueError as exc:
+                self._fail_site(site, f"kumopy: {exc}", peer=cand)
+                return None
+            return client, name
+        log.info("source %s: site %s unreachable: %s", self.source.name, site.name, reasons)
+        if site.open == 0:
+            self._fail_site(site, "kumopy: " + "; ".join(reasons), peer=last)
+        return None
+
+    def _fail_site(
+        self,
+        site: _Site,
+        text: str,
+        *,
+        enhanced: str = "4.4.1",
+        peer: _Candidate | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        """Fail every queued job of the site with the same transient reason."""
+        jobs = list(site.queue)
+        site.queue.clear()
+        for job in jobs:
+            self._fail_job(job, text, enhanced=enhanced, peer=peer, extra=extra)
+
+    # -- one job ---------------------------------------------------------------------------------
+
+    def _prepare(self, job: Job) -> _Prepared:
+        """Check the envelope, encode the body once and split recipients into batches."""
+        results: list[RecipientResult | None] = [None] * len(job.recipients)
+        todo: list[int] = []
+        try:
+            wire_address(job.sender, where="sender")
+        except InjectionError as exc:
+            bad = synthesized(553, "5.1.7", f"kumopy: {exc.message}")
+            return _Prepared(job, [_result(r, bad) for r in job.recipients], [], b"")
+        for i, rcpt in enumerate(job.recipients):
+            try:
+                wire_address(rcpt)
+            except InjectionError as exc:
+                results[i] = _result(rcpt, synthesized(553, "5.1.3", f"kumopy: {exc.message}"))
+            else:
+                todo.append(i)
+        if not todo:
+            return _Prepared(job, results, [], b"")
+        size = self._batch
+        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+        return _Prepared(job, results, batches, encode_data(job.data))
+
+    def _take_ahead(self, site: _Site) -> _Prepared | None:
+        """Pop the site's next job whose envelope can ride behind the current body."""
+        while site.queue:
+            prep = self._prepare(site.queue.popleft())
+            if prep.batches:
+                return prep
+            # Nothing to send for it: every recipient already has its (permanent) result.
+            self._finish(prep, None, None)
+        return None
+
+    async def _deliver(
+        self, client: SMTPClient, peer_name: str, prep: _Prepared, site: _Site, more: bool
+    ) -> _Prepared | None:
+        """Send one prepared job in batches and report it; return a job taken ahead, if any."""
+        job, results = prep.job, prep.results
+        duplicate = False
+        ahead: _Prepared | None = None
+        last = len(prep.batches) - 1
+        try:
+            for k, batch in enumerate(prep.batches):
+                if not client.usable:
+                    lost = synthesized(
+                        451, "4.4.2", "kumopy: connection lost before this batch of recipients"
+                    )
+                    for i in batch:
+                        results[i] = _result(job.recipients[i], lost)
+                    continue
+                then: tuple[str, list[str], bytes] | None = None
+                if k < last:
+                    nxt = prep.batches[k + 1]
+                    then = (job.sender, [job.recipients[i] for i in nxt], prep.payload)
+                elif more and client.pipelining and site.queue:
+                    ahead = self._take_ahead(site)
+                    if ahead is not None:
+                        a_job = ahead.job
+                        a_rcpts = [a_job.recipients[i] for i in ahead.batches[0]]
+                        then = (a_job.sender, a_rcpts, ahead.payload)
+                outcome = await client.send_transaction(
+                    job.sender, [job.recipients[i] for i in batch], prep.payload, then=then
+                )
+                duplicate = duplicate or outcome.possible_duplicate
+                for i, reply in zip(batch, outcome.replies, strict=True):
+                    results[i] = _result(job.recipients[i], reply)
+        except BaseException:
+            if ahead is not None:
+                site.queue.appendleft(ahead.job)
+            raise
+        self._finish(prep, client, peer_name, duplicate)
+        return ahead
+
+    def _finish(
+        self,
+        prep: _Prepared,
+        client: SMTPClient | None,
+        peer_name: str | None,
+        duplicate: bool = False,
+    ) -> None:
+        """Report a prepared job whose every recipient has a result."""
+        final = [r for r in prep.results if r is not None]
+        assert len(final) == len(prep.results), "a recipient was left without a result"
+        self._report(
+            prep.job,
+            JobResult(
+                prep.job.job_id,
+                final,
+                peer_name=peer_name,
+                peer_addr=client.peer_address if client else None,
+                source_address=client.local_address if client else self.source.source_address,
+                possible_duplicate=duplicate,
+            ),
+        )

@@ -1,0 +1,63 @@
+"""The unit of work a worker receives from the coordinator, and what it sends back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["DELIVERED", "PERMANENT", "TRANSIENT", "Job", "JobResult", "RecipientResult"]
+
+DELIVERED = "delivered"
+TRANSIENT = "transient"
+PERMANENT = "permanent"
+
+
+@dataclass(slots=True)
+class Job:
+    """One message to deliver from this worker's source to one site."""
+
+    job_id: int
+    """Coordinator-assigned handle, echoed in the result."""
+    msg_id: str
+    """The spool id of the message (for logs only)."""
+    sender: str
+    """Envelope sender; empty string for the null reverse path."""
+    recipients: list[str]
+    """Recipients not yet delivered, all of one site."""
+    data: bytes | memoryview
+    """The message exactly as injected (RFC 5322 bytes, any line endings)."""
+    hosts: list[tuple[str, int]]
+    """Destination hosts in preference order: host name or IP literal, and port."""
+    site: str
+    """Name of the destination site (the ready queue is source->site)."""
+
+
+@dataclass(slots=True)
+class RecipientResult:
+    """The outcome of one recipient of a job."""
+
+    recipient: str
+    status: str
+    """DELIVERED, TRANSIENT or PERMANENT."""
+    code: int
+    """SMTP reply code; a synthesized 4xx when no reply was received."""
+    enhanced_code: str | None
+    text: str
+    command: str | None
+    """The SMTP command the reply answered (e.g. "RCPT TO"), None when synthesized."""
+
+
+@dataclass(slots=True)
+class JobResult:
+    """Every recipient's outcome for one job, and where the attempt went."""
+
+    job_id: int
+    results: list[RecipientResult]
+    peer_name: str | None = None
+    """Destination host as named in the host list."""
+    peer_addr: str | None = None
+    """Destination IP address actually connected to."""
+    source_address: str | None = None
+    """Local IP address the connection was bound to (as the kernel reports it)."""
+    possible_duplicate: bool = False
+    """True when the outcome after the final dot was not seen (timeout or loss)."""
+    extra: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,176 @@
+"""The worker process: one egress source, uvloop, a DEALER socket to the coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from kumopy.config import EgressSource
+from kumopy.errors import KumoError
+from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.ipc.messages import decode_jobs, encode_results
+from kumopy.worker.delivery import Deliverer
+from kumopy.worker.jobs import JobResult
+
+__all__ = ["WorkerProcess", "check_source_address", "decode_definition", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+RESULT_FLUSH = 0.002
+"""Seconds results may wait so several travel in one message."""
+HEARTBEAT = 1.0
+
+
+def decode_definition(text: str) -> EgressSource:
+    """Decode the source definition the coordinator put on the command line."""
+    return EgressSource.from_dict(json.loads(base64.b64decode(text)))
+
+
+def check_source_address(source: EgressSource) -> str | None:
+    """Return why the source address cannot be bound, or None when it can."""
+    if source.source_address is None:
+        return None
+    family = socket.AF_INET6 if ":" in source.source_address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((source.source_address, 0))
+        except OSError as exc:
+            hint = " (the address is not plumbed on this host)" if exc.errno == errno.EADDRNOTAVAIL else ""
+            return f"cannot bind source address {source.source_address}: {exc.strerror}{hint}"
+    return None
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: the kernel sends SIGTERM when the coordinator dies, even by SIGKILL.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+class WorkerProcess:
+    """Receive jobs, feed the Deliverer, send results back in small batches."""
+
+    def __init__(self, source: EgressSource, endpoint: str, credit: int, parent_pid: int,
+                 deliverer_options: dict[str, Any] | None = None) -> None:
+        self.source = source
+        self.endpoint = endpoint
+        self.credit = credit
+        self.parent_pid = parent_pid
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.IDENTITY, source.name.encode())
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.results: list[JobResult] = []
+        self._flush_scheduled = False
+        self.deliverer = Deliverer(source, self._on_result, **(deliverer_options or {}))
+        self.stopping = asyncio.Event()
+        self.drain_timeout = 30.0
+
+    def _on_result(self, result: JobResult) -> None:
+        self.results.append(result)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(RESULT_FLUSH, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        self._send_results()
+
+    def _send_results(self) -> None:
+        if not self.results:
+            return
+        batch, self.results = self.results, []
+        # zmq.asyncio sends without blocking when the pipe has room; HWM is set high.
+        self.sock.send(encode_results(batch))
+
+    async def _receive(self) -> None:
+        while not self.stopping.is_set():
+            frames = await self.sock.recv_multipart(copy=False)
+            try:
+                header = decode_header(frames[0].buffer)
+                kind = header["kind"]
+                if kind == "deliver":
+                    for job in decode_jobs(header, frames):
+                        self.deliverer.submit(job)
+                elif kind == "stop":
+                    self.drain_timeout = float(header.get("timeout", self.drain_timeout))
+                    self.stopping.set()
+                else:
+                    log.warning("unknown message kind %r from the coordinator", kind)
+            except KumoError as exc:
+                log.error("bad message from the coordinator: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        while not self.stopping.is_set():
+            await asyncio.sleep(HEARTBEAT)
+            if os.getppid() != self.parent_pid:
+                log.warning("coordinator (pid %d) is gone; exiting", self.parent_pid)
+                os._exit(0)  # in-flight jobs stay in the coordinator's spool
+            await self.sock.send(encode_header("heartbeat", stats=self.deliverer.stats()))
+
+    async def run(self) -> int:
+        """Say Ready, then work until told to stop; return the exit code."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        self.sock.connect(self.endpoint)
+        await self.sock.send(encode_header("ready", credit=self.credit, pid=os.getpid()))
+        tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
+        await self.stopping.wait()
+        tasks[1].cancel()
+        # Keep receiving while draining: a deliver frame already queued is still answered.
+        await self.deliverer.drain(self.drain_timeout)
+        tasks[0].cancel()
+        self._send_results()
+        await self.sock.send(encode_header("bye"))
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.sock.close(linger=2000)
+        self.ctx.term()
+        return 0
+
+
+def run_worker(source_def: str, endpoint: str, credit: int, parent_pid: int,
+               deliverer_options: dict[str, Any] | None = None) -> int:
+    """Entry point of `python -m kumopy worker`."""
+    from kumopy.coordinator.arbiter import WORKER_BOOT_ERROR
+
+    _die_with_parent()
+    try:
+        source = decode_definition(source_def)
+    except (ValueError, TypeError, KeyError) as exc:
+        log.error("bad source definition: %s", exc)
+        return WORKER_BOOT_ERROR
+    problem = check_source_address(source)
+    if problem:
+        log.error("source %s: %s", source.name, problem)
+        return WORKER_BOOT_ERROR
+    if os.getppid() != parent_pid:
+        return 0
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+
+    async def main() -> int:
+        return await WorkerProcess(source, endpoint, credit, parent_pid, deliverer_options).run()
+
+    result: int = runner(main())
+    return result

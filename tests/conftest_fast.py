@@ -1,0 +1,50 @@
+"""The `fast_impl` fixture: every test of kumopy._fast runs once per twin (ids `c` and `py`)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from kumopy._fast import _queue_py, _select_py
+
+__all__ = ["FastImpl", "fast_impl", "no_extensions"]
+
+
+def no_extensions() -> bool:
+    """Return whether KUMOPY_NO_EXTENSIONS asks for the pure-Python twins."""
+    return os.environ.get("KUMOPY_NO_EXTENSIONS", "") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class FastImpl:
+    """The classes of one twin, typed as the Python twin's so that mypy checks their use."""
+
+    name: str
+    """`c` or `py`."""
+    SourceMask: type[_select_py.SourceMask]
+    """The twin's SourceMask class."""
+    SmoothSelector: type[_select_py.SmoothSelector]
+    """The twin's SmoothSelector class."""
+    DueQueue: type[_queue_py.DueQueue]
+    """The twin's DueQueue class."""
+    Ledger: type[_queue_py.Ledger]
+    """The twin's Ledger class."""
+
+
+def _load(name: str) -> FastImpl:
+    # Import the twin's modules directly, bypassing the selector in kumopy._fast.
+    select = importlib.import_module(f"kumopy._fast._select_{name}")
+    queue = importlib.import_module(f"kumopy._fast._queue_{name}")
+    return FastImpl(name, select.SourceMask, select.SmoothSelector, queue.DueQueue, queue.Ledger)
+
+
+@pytest.fixture(scope="session", params=["c", "py"], ids=["c", "py"])
+def fast_impl(request: pytest.FixtureRequest) -> FastImpl:
+    """Return the compiled or the pure-Python twin of kumopy._fast."""
+    name: str = request.param
+    if name == "c" and no_extensions():
+        pytest.skip("KUMOPY_NO_EXTENSIONS is set: the compiled twin is not in use")
+    return _load(name)

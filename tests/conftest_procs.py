@@ -1,0 +1,74 @@
+"""Fixtures that run the real thing: a sink process and coordinator processes, stopped by PID."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kumopy.harness import Proc, SinkRecords, read_log_records, start_coordinator, start_sink
+
+__all__ = ["Cluster", "policy_file"]
+
+
+def policy_file(path: Path, body: str) -> str:
+    """Write a policy file from an indented snippet and return its path."""
+    path.write_text("from kumopy import kumo\n\n" + textwrap.dedent(body))
+    return str(path)
+
+
+class Cluster:
+    """One test's processes: sinks and coordinators, all stopped at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def sink(self, name: str = "sink", host: str = "127.0.0.1", raw: bool = False,
+             extra: tuple[str, ...] = ()) -> tuple[Proc, SinkRecords]:
+        """Start a sink; return it and a reader of its records."""
+        proc = start_sink(self.tmp / name, host=host, raw=raw, extra=extra)
+        self.procs.append(proc)
+        return proc, SinkRecords(proc.info["record"])
+
+    def coordinator(self, policy: str | None, *, name: str = "coord",
+                    sources: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+                    workdir: Path | None = None, env: dict[str, str] | None = None) -> Proc:
+        """Start a coordinator and wait until its workers are ready."""
+        proc = start_coordinator(workdir or self.tmp / name, policy, sources,
+                                 extra=["--log-level", "INFO", *extra], env=env)
+        self.procs.append(proc)
+        return proc
+
+    def records(self, coord: Proc) -> list[dict[str, Any]]:
+        """Return every log record the coordinator wrote so far."""
+        return read_log_records(coord.info["log_dir"])
+
+    def stop_all(self) -> None:
+        """Stop every process this test started, coordinators first."""
+        for proc in sorted(self.procs, key=lambda p: p.name != "coordinator"):
+            proc.stop(timeout=30)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Give a test a Cluster whose processes are stopped by PID afterwards."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+def make_policy(tmp_path: Path) -> Callable[[str], str]:
+    """Write a policy snippet to a file and return its path."""
+    counter = iter(range(1000))
+
+    def make(body: str) -> str:
+        return policy_file(tmp_path / f"policy{next(counter)}.py", body)
+
+    return make

@@ -1,0 +1,9 @@
+"""Chapter example 1: a source with only a name."""
+
+from kumopy import kumo
+
+
+@kumo.on("init")
+def init():
+    """Define the source."""
+    kumo.define_egress_source(name="example")

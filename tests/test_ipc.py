@@ -1,0 +1,121 @@
+"""The wire protocol: header framing, limits, inject validation, job and result round trips."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from kumopy.errors import InjectionError, ProtocolError
+from kumopy.ipc.framing import PROTOCOL_VERSION, decode_header, encode_header, error_reply
+from kumopy.ipc.messages import (
+    InboundMessage,
+    Limits,
+    decode_jobs,
+    decode_results,
+    encode_jobs,
+    encode_results,
+    parse_inject,
+)
+from kumopy.worker.jobs import Job, JobResult, RecipientResult
+
+
+def test_header_round_trip() -> None:
+    h = decode_header(encode_header("inject", req=7, messages=[]))
+    assert h == {"v": PROTOCOL_VERSION, "kind": "inject", "req": 7, "messages": []}
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (b"", "empty header"),
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb([1, 2]), "must be a msgpack map"),
+        (msgpack.packb({"v": 99, "kind": "inject"}), "unsupported protocol version 99"),
+        (msgpack.packb({"v": 1}), "no 'kind'"),
+        (msgpack.packb({1: 2}), "not valid msgpack"),
+    ],
+)
+def test_bad_headers_name_the_problem(frame: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        decode_header(frame)
+
+
+def test_header_size_limit() -> None:
+    with pytest.raises(ProtocolError, match="exceeds the 10-byte limit"):
+        decode_header(encode_header("x", pad="y" * 20), max_bytes=10)
+
+
+def test_error_reply_is_uniform() -> None:
+    h = decode_header(error_reply(3, ProtocolError("bad")))
+    assert h["ok"] is False and h["req"] == 3
+    assert h["error"]["code"] == "protocol_error" and h["error"]["message"] == "bad"
+
+
+def _inject(messages: list[object]) -> dict[str, object]:
+    return decode_header(encode_header("inject", req=1, messages=messages))
+
+
+def test_parse_inject_accepts_frame_and_bin_data() -> None:
+    header = _inject(
+        [
+            {"sender": "a@x.test", "recipients": ["b@y.test"], "data": 1, "meta": {"tenant": "t"}},
+            {"sender": "", "recipients": ["c@y.test"], "data": b"Subject: x\r\n\r\nhi\r\n"},
+        ]
+    )
+    out = parse_inject(header, [b"hdr", b"Subject: y\r\n\r\nbody\r\n"], Limits())
+    assert all(isinstance(m, InboundMessage) for m in out)
+    first = out[0]
+    assert isinstance(first, InboundMessage)
+    assert bytes(first.data) == b"Subject: y\r\n\r\nbody\r\n" and first.meta == {"tenant": "t"}
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"sender": "a@x.test", "recipients": [], "data": b"x"}, "non-empty list"),
+        ({"sender": "a@x.test", "recipients": ["b@y.test\r\nRCPT TO:<c@z>"], "data": b"x"},
+         "control"),
+        ({"sender": "a\x00@x.test", "recipients": ["b@y.test"], "data": b"x"}, "control"),
+        ({"sender": "a@x.test", "recipients": ["no-at-sign"], "data": b"x"}, "@"),
+        ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": 5}, "frame 5"),
+        ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": b""}, "empty"),
+        ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": b"x" * 101}, "exceeds"),
+        ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": b"x", "meta": [1]}, "map"),
+        ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": b"x",
+          "meta": {"tenant": "a:b"}}, "without ':'"),
+        ({"sender": 5, "recipients": ["b@y.test"], "data": b"x"}, "sender"),
+        ("not a map", "must be a map"),
+    ],
+)
+def test_parse_inject_rejects_each_bad_message_alone(message: object, reason: str) -> None:
+    good = {"sender": "a@x.test", "recipients": ["b@y.test"], "data": b"ok"}
+    out = parse_inject(_inject([good, message, good]), [b"h"], Limits(max_message_size=100))
+    assert isinstance(out[0], InboundMessage) and isinstance(out[2], InboundMessage)
+    assert isinstance(out[1], InjectionError)
+    assert reason in str(out[1])
+
+
+def test_parse_inject_request_level_errors() -> None:
+    with pytest.raises(ProtocolError, match="non-empty 'messages'"):
+        parse_inject(_inject([]), [b"h"], Limits())
+    too_many = [{"sender": "", "recipients": ["b@y.test"], "data": b"x"}] * 3
+    with pytest.raises(ProtocolError, match="exceeds the limit of 2"):
+        parse_inject(_inject(too_many), [b"h"], Limits(max_batch=2))
+
+
+def test_jobs_round_trip_keeps_body_bytes_exact() -> None:
+    body = b"a\r\n.b\nc\r"
+    jobs = [Job(1, "m1", "s@x.test", ["r@y.test"], body, [("127.0.0.1", 2525)], "mx_list:x")]
+    frames = encode_jobs(jobs)
+    back = decode_jobs(decode_header(frames[0]), frames)
+    assert back[0].recipients == ["r@y.test"] and back[0].hosts == [("127.0.0.1", 2525)]
+    assert bytes(back[0].data) == body
+
+
+def test_results_round_trip() -> None:
+    r = JobResult(4, [RecipientResult("r@y.test", "transient", 451, "4.3.0", "later", "RCPT TO")],
+                  "mx", "127.0.0.1", "127.0.0.2", True)
+    back = decode_results(decode_header(encode_results([r])))
+    assert back == [r]
+    with pytest.raises(ProtocolError, match="malformed results"):
+        decode_results({"results": [[1, 2]]})

@@ -1,0 +1,257 @@
+"""End to end: ZeroMQ injection, the coordinator, one worker per source, SMTP from its own IP."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+from collections import Counter
+from collections.abc import Callable
+
+import zmq
+
+from kumopy.client import Client, Message
+from kumopy.harness import wait_for
+from kumopy.inject import make_body
+from tests.conftest_procs import Cluster
+
+POLICY = """
+import os
+SINK = os.environ["TEST_SINK"]
+
+@kumo.on("init")
+def init():
+    kumo.define_egress_source(name="a", source_address="127.0.0.2", ehlo_domain="a.mta.test")
+    kumo.define_egress_source(name="b", source_address="127.0.0.3", ehlo_domain="b.mta.test")
+    kumo.define_egress_source(name="c", source_address="127.0.0.4", ehlo_domain="c.mta.test")
+    kumo.define_egress_pool(name="p12", entries=[{"name": "a", "weight": 1},
+                                                 {"name": "b", "weight": 2}])
+    kumo.define_egress_pool(name="pbc", entries=[{"name": "b"}, {"name": "c"}])
+
+@kumo.on("get_queue_config")
+def qc(domain, tenant, campaign, routing_domain):
+    pool = {"one": "p12", "two": "pbc"}.get(tenant, "unspecified")
+    return kumo.make_queue_config(egress_pool=pool, mx_list=[SINK])
+"""
+
+IPS = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
+EHLO = {"127.0.0.2": "a.mta.test", "127.0.0.3": "b.mta.test", "127.0.0.4": "c.mta.test"}
+
+
+def _send(endpoint: str, n: int, tenant: str | None, prefix: str, **kw: object) -> list[str]:
+    msgs = [
+        Message("s@src.test", [f"{prefix}{i}@dst.test"], make_body("s@src.test", "x", 600, i),
+                tenant=tenant)
+        for i in range(n)
+    ]
+    with Client(endpoint) as client:
+        results = [r for chunk in client.send_batches(
+            [msgs[i:i + 50] for i in range(0, n, 50)]) for r in chunk]
+    assert all(r.ok for r in results), [str(r.error) for r in results if not r.ok][:3]
+    return [m.recipients[0] for m in msgs]
+
+
+def _start(cluster: Cluster, make_policy: Callable[[str], str], body: str = POLICY,
+           **kw: object) -> tuple[str, object]:
+    sink, records = cluster.sink(raw=bool(kw.pop("raw", False)))
+    coord = cluster.coordinator(make_policy(body), env={"TEST_SINK": f"127.0.0.1:{sink.info['port']}"},
+                                extra=tuple(kw.pop("extra", ())))  # type: ignore[arg-type]
+    return coord.info["endpoint"], (coord, records)
+
+
+def test_two_tenants_leave_from_their_pools_ips_with_their_ehlo(cluster, make_policy) -> None:
+    endpoint, (coord, records) = _start(cluster, make_policy, extra=("--credit", "2000"))
+    one = _send(endpoint, 300, "one", "one-")
+    two = _send(endpoint, 100, "two", "two-")
+    recs = records.wait_count(400, 60)
+    by_rcpt = {r["rcpt_to"][0]: r for r in recs}
+    assert set(by_rcpt) == set(one) | set(two)
+    for r in recs:
+        assert r["helo"] == EHLO[r["peer_ip"]], r
+    ips_one = Counter(by_rcpt[x]["peer_ip"] for x in one)
+    ips_two = Counter(by_rcpt[x]["peer_ip"] for x in two)
+    assert set(ips_one) == {"127.0.0.2", "127.0.0.3"}
+    assert set(ips_two) == {"127.0.0.3", "127.0.0.4"}  # b serves both pools
+    # Weights 1:2 give exactly 1:2 (smooth WRR per pool, whatever the dispatch order).
+    assert ips_one == {"127.0.0.2": 100, "127.0.0.3": 200}
+    assert ips_two == {"127.0.0.3": 50, "127.0.0.4": 50}
+    # The delivery records name pool, source and the actual source IP.
+    wait_for(lambda: sum(r["type"] == "Delivery" for r in cluster.records(coord)) == 400, 30,
+             "400 Delivery records")
+    deliveries = [r for r in cluster.records(coord) if r["type"] == "Delivery"]
+    for d in deliveries:
+        assert d["source_address"]["address"] == IPS[d["egress_source"]]
+        assert d["egress_pool"] in ("p12", "pbc")
+        assert d["response"]["code"] == 250 and d["peer_address"]["addr"] == "127.0.0.1"
+    receptions = [r for r in cluster.records(coord) if r["type"] == "Reception"]
+    assert len(receptions) == 400
+
+
+def test_weights_hold_in_every_window(cluster, make_policy) -> None:
+    endpoint, (coord, records) = _start(cluster, make_policy, extra=("--credit", "2000"))
+    rcpts = _send(endpoint, 90, "one", "w-")
+    records.wait_count(90, 60)
+    wait_for(lambda: sum(r["type"] == "Delivery" for r in cluster.records(coord)) == 90, 30,
+             "Delivery records")
+    picks = {r["recipient"]: r["egress_source"] for r in cluster.records(coord)
+             if r["type"] == "Delivery"}
+    # Recipients were injected in order and the pool's picks are taken in order: every
+    # window of three consecutive messages holds exactly one from a and two from b.
+    order = [picks[r] for r in rcpts]
+    for i in range(0, 90, 3):
+        assert Counter(order[i:i + 3]) == {"a": 1, "b": 2}, (i, order[i:i + 3])
+
+
+SHARED_POLICY = """
+import os
+SINK = os.environ["TEST_SINK"]
+
+def init():
+    kumo.define_egress_source(name="plain")
+    kumo.define_egress_source(name="x1", source_address="127.0.0.9", ehlo_domain="x1.mta.test")
+    kumo.define_egress_source(name="x2", source_address="127.0.0.9", ehlo_domain="x2.mta.test")
+    kumo.define_egress_pool(name="plain", entries=[{"name": "plain"}])
+    kumo.define_egress_pool(name="shared", entries=[{"name": "x1"}, {"name": "x2"}])
+
+def qc(domain, tenant, campaign, routing_domain):
+    return kumo.make_queue_config(egress_pool=tenant or "unspecified", mx_list=[SINK])
+
+kumo.on("init", init)
+kumo.on("get_queue_config", qc)
+"""
+
+
+def test_default_address_and_shared_ip(cluster, make_policy) -> None:
+    body = SHARED_POLICY
+    endpoint, (_coord, records) = _start(cluster, make_policy, body)
+    _send(endpoint, 4, "plain", "p-")
+    _send(endpoint, 10, "shared", "s-")
+    _send(endpoint, 2, None, "u-")
+    recs = records.wait_count(16, 60)
+    import socket
+
+    host = socket.gethostname()
+    plain = [r for r in recs if r["rcpt_to"][0].startswith(("p-", "u-"))]
+    assert {r["peer_ip"] for r in plain} == {"127.0.0.1"}
+    assert {r["helo"] for r in plain} == {host}
+    shared = [r for r in recs if r["rcpt_to"][0].startswith("s-")]
+    assert {r["peer_ip"] for r in shared} == {"127.0.0.9"}
+    assert Counter(r["helo"] for r in shared) == {"x1.mta.test": 5, "x2.mta.test": 5}
+
+
+def test_bad_injections_are_answered_and_the_coordinator_keeps_serving(cluster, make_policy
+                                                                       ) -> None:
+    endpoint, (_coord, records) = _start(cluster, make_policy)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        from kumopy.ipc.framing import decode_header
+
+        for frames, reason in [
+            ([b"\xc1garbage"], "not valid msgpack"),
+            ([b"\x81\xa1v\x09"], "unsupported protocol version"),
+            ([b"\x82\xa1v\x01\xa4kind\xa5other"], "unknown request kind"),
+        ]:
+            sock.send_multipart(frames)
+            assert sock.poll(10_000)
+            reply = decode_header(sock.recv())
+            assert reply["ok"] is False and reason in reply["error"]["message"]
+    finally:
+        sock.close(0)
+        ctx.term()
+    with Client(endpoint) as client:
+        bad = client.send_batch([
+            Message("s@src.test", ["evil@dst.test\r\nDATA"], b"x"),
+            Message("s@src.test", [], b"x"),
+            Message("s@src.test", ["ok@dst.test"], b"Subject: ok\r\n\r\nfine\r\n", tenant="one"),
+            Message("s@src.test", ["big@dst.test"], b"x" * (51 * 1024 * 1024)),
+        ])
+    assert [r.ok for r in bad] == [False, False, True, False]
+    assert "control" in str(bad[0].error)
+    assert "non-empty" in str(bad[1].error)
+    assert "exceeds" in str(bad[3].error)
+    recs = records.wait_count(1, 30)
+    assert recs[0]["rcpt_to"] == ["ok@dst.test"]
+
+
+def test_body_line_endings_and_dots_are_exact_on_the_wire(cluster, make_policy) -> None:
+    endpoint, (_coord, records) = _start(cluster, make_policy, raw=True)
+    body = b"Subject: dots\r\n\r\n.leading dot\r\n..two\n.bare-lf\rbare-cr\r\n.\r\nend"
+    with Client(endpoint) as client:
+        assert client.send("s@src.test", "dots@dst.test", body, tenant="one").ok
+    rec = records.wait_count(1, 30)[0]
+    raw = base64.b64decode(rec["raw"])
+    want = (b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\n..bare-lf\r\nbare-cr\r\n"
+            b"..\r\nend\r\n.\r\n")
+    assert raw == want
+    assert rec["bare_lf_or_cr"] is False
+    assert base64.b64decode(rec["data"]) == (
+        b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\n.bare-lf\r\nbare-cr\r\n.\r\nend\r\n")
+
+
+def test_killed_worker_is_restarted_and_its_messages_delivered(cluster, make_policy) -> None:
+    endpoint, (coord, records) = _start(cluster, make_policy)
+    with Client(endpoint) as client:
+        pids = {name: v for name, v in client.request("status")["workers"].items()}
+    victim = pids["b"]
+    rcpts = _send(endpoint, 600, "one", "k-")
+    os.kill(victim, signal.SIGKILL)
+    recs = records.wait_count(600, 90)
+    assert set(rcpts) <= {r["rcpt_to"][0] for r in recs}
+
+    def restarted() -> bool:
+        with Client(endpoint) as client:
+            st = client.request("status")
+        return st["workers"]["b"] not in (None, victim) and st["sources"]["b"]["credit"] > 0
+
+    wait_for(restarted, 30, "worker b to be restarted")
+    more = _send(endpoint, 30, "one", "k2-")
+    recs = records.wait_count(630, 60)
+    later = Counter(r["peer_ip"] for r in recs if r["rcpt_to"][0] in set(more))
+    assert later == {"127.0.0.2": 10, "127.0.0.3": 20}
+
+
+def test_worker_that_cannot_bind_fails_at_boot_without_a_restart_storm(cluster, make_policy
+                                                                       ) -> None:
+    body = POLICY.replace('source_address="127.0.0.4"', 'source_address="192.0.2.44"')
+    endpoint, (coord, records) = _start(cluster, make_policy, body)
+    with Client(endpoint) as client:
+        st = client.request("status")
+    assert st["sources"]["c"]["live"] is False
+    assert "failed at boot" in st["failures"]["c"]
+    # Pool pbc still sends, through b alone.
+    rcpts = _send(endpoint, 10, "two", "f-")
+    recs = records.wait_count(10, 30)
+    assert {r["peer_ip"] for r in recs if r["rcpt_to"][0] in set(rcpts)} == {"127.0.0.3"}
+
+
+def test_queue_without_mx_list_waits_with_a_clear_reason(cluster, make_policy) -> None:
+    body = POLICY.replace("mx_list=[SINK]", "mx_list=None if tenant == 'nomx' else [SINK]")
+    body = body.replace('.get(tenant, "unspecified")', '.get(tenant, "nosuchpool" if tenant == '
+                        '"badpool" else "unspecified")')
+    endpoint, (coord, _records) = _start(cluster, make_policy, body)
+    _send(endpoint, 1, "nomx", "n-")
+    _send(endpoint, 1, "badpool", "b-")
+
+    def reasons() -> dict[str, str]:
+        return {r["recipient"]: r["response"]["content"] for r in cluster.records(coord)
+                if r["type"] == "TransientFailure"}
+
+    got = wait_for(lambda: len(reasons()) == 2 and reasons(), 30, "two TransientFailure records")
+    assert "mx_list" in got["n-0@dst.test"]
+    assert "nosuchpool" in got["b-0@dst.test"]
+    with Client(endpoint) as client:
+        assert client.request("status")["messages"] == 2  # kept, waiting for a retry
+
+
+def test_cli_lists_its_subcommands() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kumopy", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    for cmd in ("run", "inject", "demo", "check-config", "status"):
+        assert cmd in out.stdout

@@ -1,0 +1,182 @@
+"""kumopy.smtp.wire: DATA encoding (line endings, dot-stuffing) and envelope address checks."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from kumopy.errors import InjectionError
+from kumopy.smtp.wire import (
+    decode_data,
+    domain_of,
+    encode_data,
+    validate_address,
+    wire_address,
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "wire"),
+    [
+        (b"", b".\r\n"),
+        (b"a", b"a\r\n.\r\n"),
+        (b"a\r\n", b"a\r\n.\r\n"),
+        (b"\r\n", b"\r\n.\r\n"),
+        (b".", b"..\r\n.\r\n"),
+        (b"..", b"...\r\n.\r\n"),
+        (b".\r\n", b"..\r\n.\r\n"),
+        (b".start", b"..start\r\n.\r\n"),
+        (b"a\r\n.\r\nb", b"a\r\n..\r\nb\r\n.\r\n"),
+        (b"a\r\n..\r\n", b"a\r\n...\r\n.\r\n"),
+        (b"a\n.b", b"a\r\n..b\r\n.\r\n"),
+        (b"a\r.b", b"a\r\n..b\r\n.\r\n"),
+        (b"a\n.\n", b"a\r\n..\r\n.\r\n"),
+        (b"a\r\r\nb", b"a\r\n\r\nb\r\n.\r\n"),
+        (b"a\n\rb\r", b"a\r\n\r\nb\r\n.\r\n"),
+        (b"x.y\r\nz.\r\n", b"x.y\r\nz.\r\n.\r\n"),
+    ],
+)
+def test_encode_data_exact(message: bytes, wire: bytes) -> None:
+    assert encode_data(message) == wire
+    assert encode_data(memoryview(message)) == wire
+
+
+def test_encode_data_clean_body_is_unchanged_apart_from_terminator() -> None:
+    body = b"Subject: x\r\n\r\n" + b"line of text\r\n" * 1000
+    assert encode_data(body) == body + b".\r\n"
+
+
+def _oracle_normalise(data: bytes) -> bytes:
+    """Normalise line endings the slow, obvious way (independent of the implementation)."""
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        c = data[i : i + 1]
+        if c == b"\r" and data[i + 1 : i + 2] == b"\n":
+            out += b"\r\n"
+            i += 2
+            continue
+        out += b"\r\n" if c in (b"\r", b"\n") else c
+        i += 1
+    if out and not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return bytes(out)
+
+
+def _oracle_unstuff(wire: bytes) -> bytes:
+    """Split the wire form into lines and undo stuffing line by line."""
+    assert wire.endswith(b".\r\n")
+    lines = wire.split(b"\r\n")
+    assert lines[-1] == b"" and lines[-2] == b"."
+    body = [line[1:] if line.startswith(b".") else line for line in lines[:-2]]
+    return b"".join(line + b"\r\n" for line in body)
+
+
+def test_encode_data_property_random_bytes() -> None:
+    rng = random.Random(20240511)
+    alphabet = [b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"\x00", b"\xff"]
+    for _ in range(3000):
+        message = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        wire = encode_data(message)
+        # No CR or LF outside a CRLF pair.
+        assert b"\r" not in wire.replace(b"\r\n", b"") and b"\n" not in wire.replace(b"\r\n", b"")
+        # The end-of-data line appears exactly once, at the very end.
+        assert wire == b".\r\n" or wire.find(b"\r\n.\r\n") == len(wire) - 5
+        assert not re.search(rb"(?:^|\r\n)\.(?!\.)[^\r]", wire)  # every dot-led line is stuffed
+        assert _oracle_unstuff(wire) == _oracle_normalise(message)
+        assert decode_data(wire) == _oracle_normalise(message)
+
+
+def test_encode_data_large_body_with_bare_lf() -> None:
+    body = b"line\n.dot\n" * 200_000  # 2 MB
+    wire = encode_data(body)
+    assert wire.count(b"\r\n..dot\r\n") == 200_000
+    assert len(wire) == len(body) + 200_000 * 3 + 3
+
+
+def test_decode_data_rejects_unterminated_payload() -> None:
+    with pytest.raises(ValueError, match="does not end"):
+        decode_data(b"abc\r\n")
+    with pytest.raises(ValueError, match=r"CRLF\.CRLF"):
+        decode_data(b"abc.\r\n")
+
+
+def test_encode_data_benchmark(benchmark: BenchmarkFixture) -> None:
+    body = (b"x" * 76 + b"\n.dot\n") * 10_000  # about 800 KB with bare LFs and dots
+    wire = benchmark(encode_data, body)
+    assert wire.endswith(b"\r\n.\r\n")
+
+
+@pytest.mark.parametrize(
+    ("addr", "kwargs", "reason"),
+    [
+        ("", {}, "recipient: empty address"),
+        ("user@exa mple.com", {}, "contains a space"),
+        ("<user@example.com>", {}, "contains an angle bracket"),
+        ("user\r\n@example.com", {}, r"control character '\\r'"),
+        ("us\ner@example.com", {}, r"control character '\\n'"),
+        ("user\x00@example.com", {}, r"control character '\\x00'"),
+        ("user\x7f@example.com", {}, r"control character '\\x7f'"),
+        ("user.example.com", {}, "missing '@'"),
+        ("@example.com", {}, "empty local part"),
+        ("user@", {}, "empty domain"),
+        ("a@b@example.com", {}, "more than one '@'"),
+        ("l" * 65 + "@example.com", {}, "local part longer than 64 octets"),
+        ("l" * 64 + "@" + ("d" * 60 + ".") * 3 + "d" * 9 + ".com", {}, "longer than 254"),
+        ("user@-bad.example", {}, "invalid domain label '-bad'"),
+        ("user@bad-.example", {}, "invalid domain label 'bad-'"),
+        ("user@bad_label.example", {}, "invalid domain label 'bad_label'"),
+        ("user@example..com", {}, "empty label"),
+        ("user@example.com.", {}, "empty label"),
+        ("user@[127.0.0]", {}, "invalid address literal"),
+        ("user@[IPv6:::g]", {}, "invalid address literal"),
+        ("user@[127.0.0.1", {}, "unterminated address literal"),
+        ("jörg@example.com", {}, "SMTPUTF8, which is not supported yet"),
+        ("user@exämple.com", {}, "IDNA"),
+        ("bad user@example.com", {"where": "sender"}, r"^sender 'bad user@example.com'"),
+    ],
+)
+def test_validate_address_errors(addr: str, kwargs: dict[str, str], reason: str) -> None:
+    with pytest.raises(InjectionError, match=reason) as info:
+        validate_address(addr, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "user@example.com",
+        "first.last+tag@mail.sub.example.co",
+        "user@localhost",
+        "user@[127.0.0.1]",
+        "user@[IPv6:::1]",
+        "user@[ipv6:2001:db8::1]",
+        '"a@b"@example.com',
+        "l" * 64 + "@example.com",
+    ],
+)
+def test_validate_address_accepts(addr: str) -> None:
+    assert validate_address(addr) == addr
+
+
+def test_validate_address_null_reverse_path_only_when_allowed() -> None:
+    assert validate_address("", allow_empty=True, where="sender") == ""
+    with pytest.raises(InjectionError, match="sender: empty address"):
+        validate_address("", where="sender")
+
+
+def test_domain_of_lowercases() -> None:
+    assert domain_of("User@Mail.Example.COM") == "mail.example.com"
+    assert domain_of('"a@b"@Example.org') == "example.org"
+
+
+def test_wire_address_checks_only_what_breaks_the_command() -> None:
+    assert wire_address("x@y") == b"x@y"
+    for bad in ("x@y\r\nRSET", "x y@z", "x>@y", "x\t@y"):
+        with pytest.raises(InjectionError, match="not allowed on the wire"):
+            wire_address(bad)
+    with pytest.raises(InjectionError, match="SMTPUTF8"):
+        wire_address("ü@y", where="sender")
