@@ -21,7 +21,7 @@ from kumopy.client import Client
 from kumopy.harness import SinkRecords, start_coordinator, start_sink, wait_for
 from kumopy.inject import generate_messages, inject_many
 
-POLICY = '''
+POLICY = """
 import os
 from kumopy import kumo
 SINK = os.environ["KUMOPY_DEMO_SINK"]
@@ -36,7 +36,7 @@ def init():
 @kumo.on("get_queue_config")
 def qc(domain, tenant, campaign, routing_domain):
     return kumo.make_queue_config(egress_pool="all", mx_list=[SINK])
-'''
+"""
 
 
 def run_kumopy(work: Path, count: int, size: int, fsync: bool) -> dict[str, Any]:
@@ -45,23 +45,34 @@ def run_kumopy(work: Path, count: int, size: int, fsync: bool) -> dict[str, Any]
     policy = work / "policy.py"
     policy.write_text(POLICY)
     extra = ["--log-level", "WARNING"] + ([] if fsync else ["--no-fsync"])
-    coord = start_coordinator(work, str(policy), extra=extra,
-                              env={"KUMOPY_DEMO_SINK": f"127.0.0.1:{sink.info['port']}"})
+    coord = start_coordinator(
+        work, str(policy), extra=extra, env={"KUMOPY_DEMO_SINK": f"127.0.0.1:{sink.info['port']}"}
+    )
     records = SinkRecords(sink.info["record"])
     try:
         with Client(coord.info["endpoint"], timeout=120) as client:
-            msgs = generate_messages(count, size, "bench.kumopy.test", "s@bench.kumopy.test",
-                                     None, None, {})
+            msgs = generate_messages(
+                count, size, "bench.kumopy.test", "s@bench.kumopy.test", None, None, {}
+            )
             t0 = time.perf_counter()
             ok, bad, inj_secs, _ = inject_many(client, msgs, count, 200, 8, progress=False)
-            wait_for(lambda: len(records.refresh()) >= ok, max(120, count / 20),
-                     f"{ok} messages at the sink", interval=0.05)
+            wait_for(
+                lambda: len(records.refresh()) >= ok,
+                max(120, count / 20),
+                f"{ok} messages at the sink",
+                interval=0.05,
+            )
             secs = time.perf_counter() - t0
         per_ip = Counter(r["peer_ip"] for r in records.records)
-        return {"mode": "kumopy" + ("" if fsync else " --no-fsync"), "messages": ok,
-                "rejected": bad, "seconds": secs, "rate": ok / secs,
-                "inject_rate": ok / inj_secs,
-                "per_source": {ip: n / secs for ip, n in sorted(per_ip.items())}}
+        return {
+            "mode": "kumopy" + ("" if fsync else " --no-fsync"),
+            "messages": ok,
+            "rejected": bad,
+            "seconds": secs,
+            "rate": ok / secs,
+            "inject_rate": ok / inj_secs,
+            "per_source": {ip: n / secs for ip, n in sorted(per_ip.items())},
+        }
     finally:
         coord.stop()
         sink.stop()
@@ -70,20 +81,41 @@ def run_kumopy(work: Path, count: int, size: int, fsync: bool) -> dict[str, Any]
 def run_raw(work: Path, count: int, size: int) -> dict[str, Any] | None:
     """Blast the same sink with postfix's smtp-source (a C sender), when installed."""
     tool = shutil.which("smtp-source") or (
-        "/usr/sbin/smtp-source" if Path("/usr/sbin/smtp-source").exists() else None)
+        "/usr/sbin/smtp-source" if Path("/usr/sbin/smtp-source").exists() else None
+    )
     if tool is None:
         return None
     sink = start_sink(work / "rawsink")
     records = SinkRecords(sink.info["record"])
     try:
         t0 = time.perf_counter()
-        subprocess.run([tool, "-s", "32", "-m", str(count), "-l", str(size), "-d", "-f", "s@bench.kumopy.test", "-t", "r@bench.kumopy.test",
-                        f"127.0.0.1:{sink.info['port']}"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                tool,
+                "-s",
+                "32",
+                "-m",
+                str(count),
+                "-l",
+                str(size),
+                "-d",
+                "-f",
+                "s@bench.kumopy.test",
+                "-t",
+                "r@bench.kumopy.test",
+                f"127.0.0.1:{sink.info['port']}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         wait_for(lambda: len(records.refresh()) >= count, 120, "raw messages at the sink")
         secs = time.perf_counter() - t0
-        return {"mode": "smtp-source (raw C sender)", "messages": count, "seconds": secs,
-                "rate": count / secs}
+        return {
+            "mode": "smtp-source (raw C sender)",
+            "messages": count,
+            "seconds": secs,
+            "rate": count / secs,
+        }
     finally:
         sink.stop()
 
@@ -110,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"throughput-{stamp}.json").write_text(json.dumps(
-        {"count": args.count, "size": args.size, "results": results}, indent=2))
+    (out / f"throughput-{stamp}.json").write_text(
+        json.dumps({"count": args.count, "size": args.size, "results": results}, indent=2)
+    )
     return 0
 
 

@@ -15,15 +15,23 @@ __all__ = ["main", "parse_size"]
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
-          "gb": 1024**3}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+}
 
 
 def parse_size(text: str) -> int:
     """Parse "2048", "2k", "50MB" into bytes."""
     t = text.strip().lower()
     num = t.rstrip("kmgb")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if not num or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2048, 2k, 50MB)")
     try:
@@ -109,24 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="start the coordinator and one worker per egress source")
     run.add_argument("policy", nargs="?", help="policy file (Python)")
-    run.add_argument("--sources", action="append", default=[], metavar="FILE",
-                     help="KumoMTA-style sources TOML file (repeatable, merged in order)")
+    run.add_argument(
+        "--sources",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="KumoMTA-style sources TOML file (repeatable, merged in order)",
+    )
     run.add_argument("--listen", default=DEFAULT_ENDPOINT, help="ingress endpoint (ZeroMQ)")
-    run.add_argument("--allow-remote-ingress", action="store_true",
-                     help="allow --listen on a non-loopback address (no authentication yet)")
+    run.add_argument(
+        "--allow-remote-ingress",
+        action="store_true",
+        help="allow --listen on a non-loopback address (no authentication yet)",
+    )
     run.add_argument("--spool", default=os.path.join("var", "spool"), help="spool directory")
     run.add_argument("--log-dir", default=os.path.join("var", "log"), help="log record directory")
-    run.add_argument("--no-fsync", dest="fsync", action="store_false",
-                     help="do not fsync the spool (throughput tests only: risks acknowledged mail)")
-    run.add_argument("--min-free-space", type=parse_size, default=64 * 1024**2,
-                     help="refuse injection when the spool's file system has less free space")
+    run.add_argument(
+        "--no-fsync",
+        dest="fsync",
+        action="store_false",
+        help="do not fsync the spool (throughput tests only: risks acknowledged mail)",
+    )
+    run.add_argument(
+        "--min-free-space",
+        type=parse_size,
+        default=64 * 1024**2,
+        help="refuse injection when the spool's file system has less free space",
+    )
     run.add_argument("--max-message-size", type=parse_size, default=DEFAULT_MAX_MESSAGE_SIZE)
-    run.add_argument("--credit", type=int, default=256,
-                     help="deliveries each worker may hold at once")
-    run.add_argument("--drain-timeout", type=float, default=30.0,
-                     help="seconds SIGTERM waits for in-flight deliveries")
-    run.add_argument("--problem-retry", type=float, default=None,
-                     help="retry delay for queue-level problems (default: the queue's schedule)")
+    run.add_argument(
+        "--credit", type=int, default=256, help="deliveries each worker may hold at once"
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for in-flight deliveries",
+    )
+    run.add_argument(
+        "--problem-retry",
+        type=float,
+        default=None,
+        help="retry delay for queue-level problems (default: the queue's schedule)",
+    )
     run.add_argument("--ready-file", help="write the bound endpoint here once workers are ready")
     run.add_argument("--log-level", default="INFO")
     run.set_defaults(func=_cmd_run)
@@ -149,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_inject_parser(sub)
     add_demo_parser(sub)
-    sub.add_parser("check-config", help="validate a policy and print its sources and pools",
-                   add_help=False)
+    sub.add_parser(
+        "check-config", help="validate a policy and print its sources and pools", add_help=False
+    )
     sub.add_parser("sink", help="run the test SMTP sink", add_help=False)
     return p
 

@@ -91,8 +91,12 @@ def _message(sender: str, recipients: Iterable[str] | str, data: bytes, **kw: An
 class Client:
     """Synchronous client: one DEALER socket, several requests may be in flight."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 30.0,
-                 context: zmq.Context[Any] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        timeout: float = 30.0,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
         self._own_ctx = context is None
         self.ctx: zmq.Context[Any] = context or zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -101,20 +105,30 @@ class Client:
         self.timeout_ms = int(timeout * 1000)
         self._req = itertools.count(1)
 
-    def send(self, sender: str, recipients: Iterable[str] | str, data: bytes, *,
-             id: str | None = None, tenant: str | None = None, campaign: str | None = None,
-             meta: Mapping[str, Any] | None = None) -> InjectResult:
+    def send(
+        self,
+        sender: str,
+        recipients: Iterable[str] | str,
+        data: bytes,
+        *,
+        id: str | None = None,
+        tenant: str | None = None,
+        campaign: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> InjectResult:
         """Inject one message and return its result."""
-        msg = _message(sender, recipients, data, id=id, tenant=tenant, campaign=campaign,
-                       meta=dict(meta or {}))
+        msg = _message(
+            sender, recipients, data, id=id, tenant=tenant, campaign=campaign, meta=dict(meta or {})
+        )
         return self.send_batch([msg])[0]
 
     def send_batch(self, messages: Iterable[Message]) -> list[InjectResult]:
         """Inject a batch in one request; return one result per message, in order."""
         return next(self.send_batches([list(messages)], window=1))
 
-    def send_batches(self, batches: Iterable[list[Message]], window: int = 4
-                     ) -> Iterator[list[InjectResult]]:
+    def send_batches(
+        self, batches: Iterable[list[Message]], window: int = 4
+    ) -> Iterator[list[InjectResult]]:
         """Pipeline batches, `window` requests in flight; yield results in request order."""
         pending: dict[int, int] = {}
         done: dict[int, list[InjectResult]] = {}
@@ -137,10 +151,10 @@ class Client:
             if not self.sock.poll(self.timeout_ms):
                 raise KumoError(f"no answer from the coordinator in {self.timeout_ms / 1000:.0f}s")
             frame = self.sock.recv()
-            req = decode_header(frame).get("req")
-            if not isinstance(req, int) or req not in pending:
+            answered = decode_header(frame).get("req")
+            if not isinstance(answered, int) or answered not in pending:
                 continue  # a late answer to an abandoned request
-            done[req] = _parse_reply(frame, pending.pop(req))
+            done[answered] = _parse_reply(frame, pending.pop(answered))
             while order and order[0] in done:
                 yield done.pop(order.pop(0))
 
@@ -184,13 +198,21 @@ class AsyncClient:
         self._waiters: dict[int, Any] = {}
         self._reader: Any = None
 
-    async def send(self, sender: str, recipients: Iterable[str] | str, data: bytes, *,
-                   id: str | None = None, tenant: str | None = None,
-                   campaign: str | None = None,
-                   meta: Mapping[str, Any] | None = None) -> InjectResult:
+    async def send(
+        self,
+        sender: str,
+        recipients: Iterable[str] | str,
+        data: bytes,
+        *,
+        id: str | None = None,
+        tenant: str | None = None,
+        campaign: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> InjectResult:
         """Inject one message and return its result."""
-        msg = _message(sender, recipients, data, id=id, tenant=tenant, campaign=campaign,
-                       meta=dict(meta or {}))
+        msg = _message(
+            sender, recipients, data, id=id, tenant=tenant, campaign=campaign, meta=dict(meta or {})
+        )
         return (await self.send_batch([msg]))[0]
 
     async def send_batch(self, messages: Iterable[Message]) -> list[InjectResult]:

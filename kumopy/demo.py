@@ -43,23 +43,36 @@ def run_demo(count: int, size: int, workdir: Path, no_fsync: bool, progress: boo
         procs.append(sink)
         sink_addr = f"127.0.0.1:{sink.info['port']}"
         extra = ["--log-level", "WARNING"] + (["--no-fsync"] if no_fsync else [])
-        coord = start_coordinator(workdir, _policy_path(), extra=extra,
-                                  env={"KUMOPY_DEMO_SINK": sink_addr})
+        coord = start_coordinator(
+            workdir, _policy_path(), extra=extra, env={"KUMOPY_DEMO_SINK": sink_addr}
+        )
         procs.append(coord)
-        print(f"coordinator on {coord.info['endpoint']}, sink on {sink_addr}, "
-              f"work files in {workdir}")
+        print(
+            f"coordinator on {coord.info['endpoint']}, sink on {sink_addr}, work files in {workdir}"
+        )
         records = SinkRecords(sink.info["record"])
         with Client(coord.info["endpoint"]) as client:
-            msgs = generate_messages(count, size, "demo.kumopy.test", "news@demo.kumopy.test",
-                                     None, None, {}, tenants=["acme", "bigco"])
+            msgs = generate_messages(
+                count,
+                size,
+                "demo.kumopy.test",
+                "news@demo.kumopy.test",
+                None,
+                None,
+                {},
+                tenants=["acme", "bigco"],
+            )
             t0 = time.perf_counter()
             ok, bad, secs, reasons = inject_many(client, msgs, count, 100, 4, progress)
-            print(f"injected {ok} messages ({bad} rejected) in {secs:.2f}s "
-                  f"({ok / max(secs, 1e-9):,.0f} msg/s accepted, durable)")
+            print(
+                f"injected {ok} messages ({bad} rejected) in {secs:.2f}s "
+                f"({ok / max(secs, 1e-9):,.0f} msg/s accepted, durable)"
+            )
             for r in reasons:
                 print(f"  rejected: {r}")
-            with tqdm(total=ok, unit="msg", disable=not progress, file=sys.stderr,
-                      desc="delivered") as bar:
+            with tqdm(
+                total=ok, unit="msg", disable=not progress, file=sys.stderr, desc="delivered"
+            ) as bar:
                 deadline = time.monotonic() + max(60.0, ok / 50)
                 while len(records.refresh()) < ok and time.monotonic() < deadline:
                     bar.update(len(records.records) - bar.n)
@@ -74,8 +87,7 @@ def run_demo(count: int, size: int, workdir: Path, no_fsync: bool, progress: boo
             p.stop()
 
 
-def _report(recs: list[dict[str, Any]], status: dict[str, Any], elapsed: float, total: int
-            ) -> None:
+def _report(recs: list[dict[str, Any]], status: dict[str, Any], elapsed: float, total: int) -> None:
     sources = status["sources"]
     by_ip = {v["source_address"]: k for k, v in sources.items() if v["source_address"]}
     seen: dict[str, Counter[tuple[str, str]]] = {}
@@ -90,11 +102,21 @@ def _report(recs: list[dict[str, Any]], status: dict[str, Any], elapsed: float, 
         if not counts[name]:
             continue
         ip, ehlo = seen[name].most_common(1)[0][0]
-        rows.append([name, str(counts[name]), f"{100 * counts[name] / n:.1f}%",
-                     f"{counts[name] / elapsed:,.0f}/s", ip, ehlo])
+        rows.append(
+            [
+                name,
+                str(counts[name]),
+                f"{100 * counts[name] / n:.1f}%",
+                f"{counts[name] / elapsed:,.0f}/s",
+                ip,
+                ehlo,
+            ]
+        )
     print()
-    print(f"delivered {len(recs)} of {total} in {elapsed:.2f}s "
-          f"({len(recs) / elapsed:,.0f} msg/s end to end)")
+    print(
+        f"delivered {len(recs)} of {total} in {elapsed:.2f}s "
+        f"({len(recs) / elapsed:,.0f} msg/s end to end)"
+    )
     print()
     print("Per source (as the sink saw it):")
     print(_table(rows, ["source", "messages", "share", "rate", "peer IP", "EHLO name"]))
@@ -109,8 +131,9 @@ def _report(recs: list[dict[str, Any]], status: dict[str, Any], elapsed: float, 
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    return run_demo(args.count, args.size, Path(args.workdir), args.no_fsync,
-                    progress=not args.quiet)
+    return run_demo(
+        args.count, args.size, Path(args.workdir), args.no_fsync, progress=not args.quiet
+    )
 
 
 def add_demo_parser(sub: Any) -> None:

@@ -73,15 +73,28 @@ def _python() -> list[str]:
     return [sys.executable, "-m", "kumopy"]
 
 
-def start_sink(workdir: Path, host: str = "127.0.0.1", raw: bool = False,
-               extra: Sequence[str] = (), stderr: IO[bytes] | None = None) -> Proc:
+def start_sink(
+    workdir: Path,
+    host: str = "127.0.0.1",
+    raw: bool = False,
+    extra: Sequence[str] = (),
+    stderr: IO[bytes] | None = None,
+) -> Proc:
     """Start the SMTP sink on a free port; its records go to workdir/sink.jsonl."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "sink.port"
     port_file.unlink(missing_ok=True)
     record = workdir / "sink.jsonl"
-    cmd = [*_python(), "sink", "--listen", f"{host}:0", "--port-file", str(port_file),
-           "--record", str(record)]
+    cmd = [
+        *_python(),
+        "sink",
+        "--listen",
+        f"{host}:0",
+        "--port-file",
+        str(port_file),
+        "--record",
+        str(record),
+    ]
     if raw:
         cmd.append("--raw")
     cmd.extend(extra)
@@ -99,9 +112,15 @@ def start_sink(workdir: Path, host: str = "127.0.0.1", raw: bool = False,
     return proc
 
 
-def start_coordinator(workdir: Path, policy: str | None, sources: Sequence[str] = (),
-                      extra: Sequence[str] = (), env: dict[str, str] | None = None,
-                      stderr: IO[bytes] | None = None, timeout: float = 60.0) -> Proc:
+def start_coordinator(
+    workdir: Path,
+    policy: str | None,
+    sources: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    stderr: IO[bytes] | None = None,
+    timeout: float = 60.0,
+) -> Proc:
     """Start `kumopy run` on a free port and wait until every worker said Ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     ready_file = workdir / "coordinator.ready"
@@ -111,8 +130,17 @@ def start_coordinator(workdir: Path, policy: str | None, sources: Sequence[str] 
         cmd.append(policy)
     for s in sources:
         cmd += ["--sources", s]
-    cmd += ["--listen", "tcp://127.0.0.1:*", "--ready-file", str(ready_file),
-            "--spool", str(workdir / "spool"), "--log-dir", str(workdir / "log"), *extra]
+    cmd += [
+        "--listen",
+        "tcp://127.0.0.1:*",
+        "--ready-file",
+        str(ready_file),
+        "--spool",
+        str(workdir / "spool"),
+        "--log-dir",
+        str(workdir / "log"),
+        *extra,
+    ]
     popen = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=stderr)
     proc = Proc(popen, "coordinator")
 

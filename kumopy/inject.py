@@ -30,15 +30,23 @@ def make_body(sender: str, rcpt: str, size: int, n: int) -> bytes:
     return head + body
 
 
-def generate_messages(count: int, size: int, domain: str, sender: str, tenant: str | None,
-                      campaign: str | None, meta: dict[str, Any],
-                      tenants: list[str] | None = None) -> Iterator[Message]:
+def generate_messages(
+    count: int,
+    size: int,
+    domain: str,
+    sender: str,
+    tenant: str | None,
+    campaign: str | None,
+    meta: dict[str, Any],
+    tenants: list[str] | None = None,
+) -> Iterator[Message]:
     """Yield `count` messages to distinct recipients at `domain`."""
     template = make_body(sender, f"user0@{domain}", size, 0)
     for i in range(count):
         t = tenants[i % len(tenants)] if tenants else tenant
-        yield Message(sender, [f"user{i}@{domain}"], template, tenant=t, campaign=campaign,
-                      meta=dict(meta))
+        yield Message(
+            sender, [f"user{i}@{domain}"], template, tenant=t, campaign=campaign, meta=dict(meta)
+        )
 
 
 def _batches(it: Iterator[Message], size: int) -> Iterator[list[Message]]:
@@ -62,16 +70,23 @@ def _parse_meta(items: list[str]) -> dict[str, Any]:
     return meta
 
 
-def inject_many(client: Client, messages: Iterator[Message], count: int, batch: int,
-                window: int, progress: bool = True) -> tuple[int, int, float, list[str]]:
+def inject_many(
+    client: Client,
+    messages: Iterator[Message],
+    count: int,
+    batch: int,
+    window: int,
+    progress: bool = True,
+) -> tuple[int, int, float, list[str]]:
     """Send messages in pipelined batches; return (accepted, rejected, seconds, reasons)."""
     from tqdm import tqdm
 
     accepted = rejected = 0
     reasons: list[str] = []
     start = time.perf_counter()
-    with tqdm(total=count, unit="msg", disable=not progress, file=sys.stderr,
-              desc="injecting") as bar:
+    with tqdm(
+        total=count, unit="msg", disable=not progress, file=sys.stderr, desc="injecting"
+    ) as bar:
         for results in client.send_batches(_batches(messages, batch), window=window):
             for r in results:
                 if r.ok:
@@ -88,10 +103,12 @@ def _cmd_inject(args: argparse.Namespace) -> int:
     meta = _parse_meta(args.meta)
     with Client(args.endpoint, timeout=args.timeout) as client:
         if args.generate:
-            msgs = generate_messages(args.generate, args.size, args.domain, args.sender,
-                                     args.tenant, args.campaign, meta)
-            ok, bad, secs, reasons = inject_many(client, msgs, args.generate, args.batch,
-                                                 args.window, progress=not args.quiet)
+            msgs = generate_messages(
+                args.generate, args.size, args.domain, args.sender, args.tenant, args.campaign, meta
+            )
+            ok, bad, secs, reasons = inject_many(
+                client, msgs, args.generate, args.batch, args.window, progress=not args.quiet
+            )
             rate = ok / secs if secs > 0 else 0.0
             print(f"accepted {ok}, rejected {bad} in {secs:.2f}s ({rate:,.0f} msg/s)")
             for reason in reasons:
@@ -105,8 +122,15 @@ def _cmd_inject(args: argparse.Namespace) -> int:
         else:
             with open(args.file, "rb") as fh:
                 data = fh.read()
-        result = client.send(args.sender, args.to, data, id=args.id, tenant=args.tenant,
-                             campaign=args.campaign, meta=meta)
+        result = client.send(
+            args.sender,
+            args.to,
+            data,
+            id=args.id,
+            tenant=args.tenant,
+            campaign=args.campaign,
+            meta=meta,
+        )
     if result.ok:
         print(f"accepted {result.id}{' (duplicate)' if result.duplicate else ''}")
         return 0
@@ -125,8 +149,13 @@ def add_inject_parser(sub: Any) -> None:
     p.add_argument("--tenant")
     p.add_argument("--campaign")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--generate", type=int, default=0, metavar="N",
-                   help="inject N synthetic messages to distinct recipients at --domain")
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="inject N synthetic messages to distinct recipients at --domain",
+    )
     p.add_argument("--size", type=int, default=2048, help="bytes per generated message")
     p.add_argument("--domain", default="example.test")
     p.add_argument("--batch", type=int, default=100, help="messages per request")

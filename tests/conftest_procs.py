@@ -27,19 +27,36 @@ class Cluster:
         self.tmp = tmp
         self.procs: list[Proc] = []
 
-    def sink(self, name: str = "sink", host: str = "127.0.0.1", raw: bool = False,
-             extra: tuple[str, ...] = ()) -> tuple[Proc, SinkRecords]:
+    def sink(
+        self,
+        name: str = "sink",
+        host: str = "127.0.0.1",
+        raw: bool = False,
+        extra: tuple[str, ...] = (),
+    ) -> tuple[Proc, SinkRecords]:
         """Start a sink; return it and a reader of its records."""
         proc = start_sink(self.tmp / name, host=host, raw=raw, extra=extra)
         self.procs.append(proc)
         return proc, SinkRecords(proc.info["record"])
 
-    def coordinator(self, policy: str | None, *, name: str = "coord",
-                    sources: tuple[str, ...] = (), extra: tuple[str, ...] = (),
-                    workdir: Path | None = None, env: dict[str, str] | None = None) -> Proc:
+    def coordinator(
+        self,
+        policy: str | None,
+        *,
+        name: str = "coord",
+        sources: tuple[str, ...] = (),
+        extra: tuple[str, ...] = (),
+        workdir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         """Start a coordinator and wait until its workers are ready."""
-        proc = start_coordinator(workdir or self.tmp / name, policy, sources,
-                                 extra=["--log-level", "INFO", *extra], env=env)
+        proc = start_coordinator(
+            workdir or self.tmp / name,
+            policy,
+            sources,
+            extra=["--log-level", "INFO", *extra],
+            env=env,
+        )
         self.procs.append(proc)
         return proc
 

@@ -73,16 +73,25 @@ def test_parse_inject_accepts_frame_and_bin_data() -> None:
     ("message", "reason"),
     [
         ({"sender": "a@x.test", "recipients": [], "data": b"x"}, "non-empty list"),
-        ({"sender": "a@x.test", "recipients": ["b@y.test\r\nRCPT TO:<c@z>"], "data": b"x"},
-         "control"),
+        (
+            {"sender": "a@x.test", "recipients": ["b@y.test\r\nRCPT TO:<c@z>"], "data": b"x"},
+            "control",
+        ),
         ({"sender": "a\x00@x.test", "recipients": ["b@y.test"], "data": b"x"}, "control"),
         ({"sender": "a@x.test", "recipients": ["no-at-sign"], "data": b"x"}, "@"),
         ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": 5}, "frame 5"),
         ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": b""}, "empty"),
         ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": b"x" * 101}, "exceeds"),
         ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": b"x", "meta": [1]}, "map"),
-        ({"sender": "a@x.test", "recipients": ["b@y.test"], "data": b"x",
-          "meta": {"tenant": "a:b"}}, "without ':'"),
+        (
+            {
+                "sender": "a@x.test",
+                "recipients": ["b@y.test"],
+                "data": b"x",
+                "meta": {"tenant": "a:b"},
+            },
+            "without ':'",
+        ),
         ({"sender": 5, "recipients": ["b@y.test"], "data": b"x"}, "sender"),
         ("not a map", "must be a map"),
     ],
@@ -113,8 +122,14 @@ def test_jobs_round_trip_keeps_body_bytes_exact() -> None:
 
 
 def test_results_round_trip() -> None:
-    r = JobResult(4, [RecipientResult("r@y.test", "transient", 451, "4.3.0", "later", "RCPT TO")],
-                  "mx", "127.0.0.1", "127.0.0.2", True)
+    r = JobResult(
+        4,
+        [RecipientResult("r@y.test", "transient", 451, "4.3.0", "later", "RCPT TO")],
+        "mx",
+        "127.0.0.1",
+        "127.0.0.2",
+        True,
+    )
     back = decode_results(decode_header(encode_results([r])))
     assert back == [r]
     with pytest.raises(ProtocolError, match="malformed results"):

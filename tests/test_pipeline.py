@@ -11,7 +11,7 @@ from collections.abc import Callable
 import zmq
 
 from kumopy.client import Client, Message
-from kumopy.harness import wait_for
+from kumopy.harness import Proc, SinkRecords, wait_for
 from kumopy.inject import make_body
 from tests.conftest_procs import Cluster
 
@@ -38,29 +38,41 @@ IPS = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
 EHLO = {"127.0.0.2": "a.mta.test", "127.0.0.3": "b.mta.test", "127.0.0.4": "c.mta.test"}
 
 
-def _send(endpoint: str, n: int, tenant: str | None, prefix: str, **kw: object) -> list[str]:
+def _send(endpoint: str, n: int, tenant: str | None, prefix: str) -> list[str]:
     msgs = [
-        Message("s@src.test", [f"{prefix}{i}@dst.test"], make_body("s@src.test", "x", 600, i),
-                tenant=tenant)
+        Message(
+            "s@src.test",
+            [f"{prefix}{i}@dst.test"],
+            make_body("s@src.test", "x", 600, i),
+            tenant=tenant,
+        )
         for i in range(n)
     ]
     with Client(endpoint) as client:
-        results = [r for chunk in client.send_batches(
-            [msgs[i:i + 50] for i in range(0, n, 50)]) for r in chunk]
+        results = [
+            r
+            for chunk in client.send_batches([msgs[i : i + 50] for i in range(0, n, 50)])
+            for r in chunk
+        ]
     assert all(r.ok for r in results), [str(r.error) for r in results if not r.ok][:3]
     return [m.recipients[0] for m in msgs]
 
 
-def _start(cluster: Cluster, make_policy: Callable[[str], str], body: str = POLICY,
-           **kw: object) -> tuple[str, object]:
-    sink, records = cluster.sink(raw=bool(kw.pop("raw", False)))
-    coord = cluster.coordinator(make_policy(body), env={"TEST_SINK": f"127.0.0.1:{sink.info['port']}"},
-                                extra=tuple(kw.pop("extra", ())))  # type: ignore[arg-type]
-    return coord.info["endpoint"], (coord, records)
+def _start(
+    cluster: Cluster,
+    make_policy: Callable[[str], str],
+    body: str = POLICY,
+    raw: bool = False,
+    extra: tuple[str, ...] = (),
+) -> tuple[str, Proc, SinkRecords]:
+    sink, records = cluster.sink(raw=raw)
+    env = {"TEST_SINK": f"127.0.0.1:{sink.info['port']}"}
+    coord = cluster.coordinator(make_policy(body), env=env, extra=extra)
+    return coord.info["endpoint"], coord, records
 
 
 def test_two_tenants_leave_from_their_pools_ips_with_their_ehlo(cluster, make_policy) -> None:
-    endpoint, (coord, records) = _start(cluster, make_policy, extra=("--credit", "2000"))
+    endpoint, coord, records = _start(cluster, make_policy, extra=("--credit", "2000"))
     one = _send(endpoint, 300, "one", "one-")
     two = _send(endpoint, 100, "two", "two-")
     recs = records.wait_count(400, 60)
@@ -76,8 +88,11 @@ def test_two_tenants_leave_from_their_pools_ips_with_their_ehlo(cluster, make_po
     assert ips_one == {"127.0.0.2": 100, "127.0.0.3": 200}
     assert ips_two == {"127.0.0.3": 50, "127.0.0.4": 50}
     # The delivery records name pool, source and the actual source IP.
-    wait_for(lambda: sum(r["type"] == "Delivery" for r in cluster.records(coord)) == 400, 30,
-             "400 Delivery records")
+    wait_for(
+        lambda: sum(r["type"] == "Delivery" for r in cluster.records(coord)) == 400,
+        30,
+        "400 Delivery records",
+    )
     deliveries = [r for r in cluster.records(coord) if r["type"] == "Delivery"]
     for d in deliveries:
         assert d["source_address"]["address"] == IPS[d["egress_source"]]
@@ -88,18 +103,24 @@ def test_two_tenants_leave_from_their_pools_ips_with_their_ehlo(cluster, make_po
 
 
 def test_weights_hold_in_every_window(cluster, make_policy) -> None:
-    endpoint, (coord, records) = _start(cluster, make_policy, extra=("--credit", "2000"))
+    endpoint, coord, records = _start(cluster, make_policy, extra=("--credit", "2000"))
     rcpts = _send(endpoint, 90, "one", "w-")
     records.wait_count(90, 60)
-    wait_for(lambda: sum(r["type"] == "Delivery" for r in cluster.records(coord)) == 90, 30,
-             "Delivery records")
-    picks = {r["recipient"]: r["egress_source"] for r in cluster.records(coord)
-             if r["type"] == "Delivery"}
+    wait_for(
+        lambda: sum(r["type"] == "Delivery" for r in cluster.records(coord)) == 90,
+        30,
+        "Delivery records",
+    )
+    picks = {
+        r["recipient"]: r["egress_source"]
+        for r in cluster.records(coord)
+        if r["type"] == "Delivery"
+    }
     # Recipients were injected in order and the pool's picks are taken in order: every
     # window of three consecutive messages holds exactly one from a and two from b.
     order = [picks[r] for r in rcpts]
     for i in range(0, 90, 3):
-        assert Counter(order[i:i + 3]) == {"a": 1, "b": 2}, (i, order[i:i + 3])
+        assert Counter(order[i : i + 3]) == {"a": 1, "b": 2}, (i, order[i : i + 3])
 
 
 SHARED_POLICY = """
@@ -123,7 +144,7 @@ kumo.on("get_queue_config", qc)
 
 def test_default_address_and_shared_ip(cluster, make_policy) -> None:
     body = SHARED_POLICY
-    endpoint, (_coord, records) = _start(cluster, make_policy, body)
+    endpoint, _coord, records = _start(cluster, make_policy, body)
     _send(endpoint, 4, "plain", "p-")
     _send(endpoint, 10, "shared", "s-")
     _send(endpoint, 2, None, "u-")
@@ -139,9 +160,10 @@ def test_default_address_and_shared_ip(cluster, make_policy) -> None:
     assert Counter(r["helo"] for r in shared) == {"x1.mta.test": 5, "x2.mta.test": 5}
 
 
-def test_bad_injections_are_answered_and_the_coordinator_keeps_serving(cluster, make_policy
-                                                                       ) -> None:
-    endpoint, (_coord, records) = _start(cluster, make_policy)
+def test_bad_injections_are_answered_and_the_coordinator_keeps_serving(
+    cluster, make_policy
+) -> None:
+    endpoint, _coord, records = _start(cluster, make_policy)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -162,12 +184,16 @@ def test_bad_injections_are_answered_and_the_coordinator_keeps_serving(cluster, 
         sock.close(0)
         ctx.term()
     with Client(endpoint) as client:
-        bad = client.send_batch([
-            Message("s@src.test", ["evil@dst.test\r\nDATA"], b"x"),
-            Message("s@src.test", [], b"x"),
-            Message("s@src.test", ["ok@dst.test"], b"Subject: ok\r\n\r\nfine\r\n", tenant="one"),
-            Message("s@src.test", ["big@dst.test"], b"x" * (51 * 1024 * 1024)),
-        ])
+        bad = client.send_batch(
+            [
+                Message("s@src.test", ["evil@dst.test\r\nDATA"], b"x"),
+                Message("s@src.test", [], b"x"),
+                Message(
+                    "s@src.test", ["ok@dst.test"], b"Subject: ok\r\n\r\nfine\r\n", tenant="one"
+                ),
+                Message("s@src.test", ["big@dst.test"], b"x" * (51 * 1024 * 1024)),
+            ]
+        )
     assert [r.ok for r in bad] == [False, False, True, False]
     assert "control" in str(bad[0].error)
     assert "non-empty" in str(bad[1].error)
@@ -177,22 +203,25 @@ def test_bad_injections_are_answered_and_the_coordinator_keeps_serving(cluster, 
 
 
 def test_body_line_endings_and_dots_are_exact_on_the_wire(cluster, make_policy) -> None:
-    endpoint, (_coord, records) = _start(cluster, make_policy, raw=True)
+    endpoint, _coord, records = _start(cluster, make_policy, raw=True)
     body = b"Subject: dots\r\n\r\n.leading dot\r\n..two\n.bare-lf\rbare-cr\r\n.\r\nend"
     with Client(endpoint) as client:
         assert client.send("s@src.test", "dots@dst.test", body, tenant="one").ok
     rec = records.wait_count(1, 30)[0]
     raw = base64.b64decode(rec["raw"])
-    want = (b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\n..bare-lf\r\nbare-cr\r\n"
-            b"..\r\nend\r\n.\r\n")
+    want = (
+        b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\n..bare-lf\r\nbare-cr\r\n"
+        b"..\r\nend\r\n.\r\n"
+    )
     assert raw == want
     assert rec["bare_lf_or_cr"] is False
     assert base64.b64decode(rec["data"]) == (
-        b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\n.bare-lf\r\nbare-cr\r\n.\r\nend\r\n")
+        b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\n.bare-lf\r\nbare-cr\r\n.\r\nend\r\n"
+    )
 
 
 def test_killed_worker_is_restarted_and_its_messages_delivered(cluster, make_policy) -> None:
-    endpoint, (coord, records) = _start(cluster, make_policy)
+    endpoint, _coord, records = _start(cluster, make_policy)
     with Client(endpoint) as client:
         pids = {name: v for name, v in client.request("status")["workers"].items()}
     victim = pids["b"]
@@ -213,10 +242,11 @@ def test_killed_worker_is_restarted_and_its_messages_delivered(cluster, make_pol
     assert later == {"127.0.0.2": 10, "127.0.0.3": 20}
 
 
-def test_worker_that_cannot_bind_fails_at_boot_without_a_restart_storm(cluster, make_policy
-                                                                       ) -> None:
+def test_worker_that_cannot_bind_fails_at_boot_without_a_restart_storm(
+    cluster, make_policy
+) -> None:
     body = POLICY.replace('source_address="127.0.0.4"', 'source_address="192.0.2.44"')
-    endpoint, (coord, records) = _start(cluster, make_policy, body)
+    endpoint, _coord, records = _start(cluster, make_policy, body)
     with Client(endpoint) as client:
         st = client.request("status")
     assert st["sources"]["c"]["live"] is False
@@ -229,15 +259,20 @@ def test_worker_that_cannot_bind_fails_at_boot_without_a_restart_storm(cluster, 
 
 def test_queue_without_mx_list_waits_with_a_clear_reason(cluster, make_policy) -> None:
     body = POLICY.replace("mx_list=[SINK]", "mx_list=None if tenant == 'nomx' else [SINK]")
-    body = body.replace('.get(tenant, "unspecified")', '.get(tenant, "nosuchpool" if tenant == '
-                        '"badpool" else "unspecified")')
-    endpoint, (coord, _records) = _start(cluster, make_policy, body)
+    body = body.replace(
+        '.get(tenant, "unspecified")',
+        '.get(tenant, "nosuchpool" if tenant == "badpool" else "unspecified")',
+    )
+    endpoint, coord, _records = _start(cluster, make_policy, body)
     _send(endpoint, 1, "nomx", "n-")
     _send(endpoint, 1, "badpool", "b-")
 
     def reasons() -> dict[str, str]:
-        return {r["recipient"]: r["response"]["content"] for r in cluster.records(coord)
-                if r["type"] == "TransientFailure"}
+        return {
+            r["recipient"]: r["response"]["content"]
+            for r in cluster.records(coord)
+            if r["type"] == "TransientFailure"
+        }
 
     got = wait_for(lambda: len(reasons()) == 2 and reasons(), 30, "two TransientFailure records")
     assert "mx_list" in got["n-0@dst.test"]
@@ -250,8 +285,9 @@ def test_cli_lists_its_subcommands() -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "kumopy", "--help"], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "kumopy", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0
     for cmd in ("run", "inject", "demo", "check-config", "status"):
         assert cmd in out.stdout

@@ -169,8 +169,11 @@ class Arbiter:
                 if now - slot.term_sent > KILL_GRACE:
                     self._kill(slot, signal.SIGKILL)
             elif not self.stopping and now - slot.last_seen > HEARTBEAT_STALE:
-                log.error("worker for %s sent nothing for %.0fs; terminating it",
-                          slot.source.name, now - slot.last_seen)
+                log.error(
+                    "worker for %s sent nothing for %.0fs; terminating it",
+                    slot.source.name,
+                    now - slot.last_seen,
+                )
                 self._kill(slot, signal.SIGTERM)
                 slot.term_sent = now
 

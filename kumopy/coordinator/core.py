@@ -200,9 +200,11 @@ class QueueCore:
         site = site_for(config)
         if site is None:
             self._queue_problem(
-                q, now,
+                q,
+                now,
                 f"queue {q.name} has no mx_list and MX lookups are not available yet; "
-                "set mx_list in get_queue_config", "4.4.3",
+                "set mx_list in get_queue_config",
+                "4.4.3",
             )
             return 0
         pool = config.egress_pool
@@ -258,8 +260,11 @@ class QueueCore:
         for res in results:
             job = self.inflight.pop(res.job_id, None)
             if job is None:
-                log.warning("result for unknown job %d from %s ignored (lease passed?)",
-                            res.job_id, self.sources[src].name)
+                log.warning(
+                    "result for unknown job %d from %s ignored (lease passed?)",
+                    res.job_id,
+                    self.sources[src].name,
+                )
                 continue
             self.by_source[job.source].discard(res.job_id)
             self.ledger.release(job.source)
@@ -276,8 +281,18 @@ class QueueCore:
                     kind = "TransientFailure"
                     pending.append(r.recipient)
                 self._record(
-                    kind, msg, r.recipient, now, r.code, r.enhanced_code, r.text, r.command,
-                    source=job.source, pool=job.pool, site=job.site, src_addr=sa,
+                    kind,
+                    msg,
+                    r.recipient,
+                    now,
+                    r.code,
+                    r.enhanced_code,
+                    r.text,
+                    r.command,
+                    source=job.source,
+                    pool=job.pool,
+                    site=job.site,
+                    src_addr=sa,
                     peer={"name": res.peer_name, "addr": res.peer_addr},
                     possible_duplicate=res.possible_duplicate and kind == "TransientFailure",
                 )
@@ -304,7 +319,12 @@ class QueueCore:
         if now + delay > msg.env.created + config.max_age:
             for rcpt in pending:
                 self._record(
-                    "Expiration", msg, rcpt, now, 551, "5.4.7",
+                    "Expiration",
+                    msg,
+                    rcpt,
+                    now,
+                    551,
+                    "5.4.7",
                     f"message expired: next attempt would pass max_age {config.max_age:.0f}s",
                     None,
                 )
@@ -317,10 +337,22 @@ class QueueCore:
         self._reschedules.append((msg.msg_id, msg.env, msg.due, msg.attempts))
 
     def _record(
-        self, kind: str, msg: Msg, rcpt: str | list[str], now: float, code: int, enhanced: str | None,
-        text: str, command: str | None, *, source: int | None = None, pool: str | None = None,
-        site: str | None = None, src_addr: str | None = None,
-        peer: dict[str, str | None] | None = None, possible_duplicate: bool = False,
+        self,
+        kind: str,
+        msg: Msg,
+        rcpt: str | list[str],
+        now: float,
+        code: int,
+        enhanced: str | None,
+        text: str,
+        command: str | None,
+        *,
+        source: int | None = None,
+        pool: str | None = None,
+        site: str | None = None,
+        src_addr: str | None = None,
+        peer: dict[str, str | None] | None = None,
+        possible_duplicate: bool = False,
     ) -> None:
         env = msg.env
         source_def = self.sources[source] if source is not None else None
@@ -352,8 +384,16 @@ class QueueCore:
     def record_reception(self, msg: Msg, now: float) -> None:
         """Write the Reception record of a newly accepted message."""
         rcpts = msg.env.recipients
-        self._record("Reception", msg, rcpts[0] if len(rcpts) == 1 else rcpts, now, 250, None,
-                     "accepted", None)
+        self._record(
+            "Reception",
+            msg,
+            rcpts[0] if len(rcpts) == 1 else rcpts,
+            now,
+            250,
+            None,
+            "accepted",
+            None,
+        )
 
     def commit_outcomes(self) -> None:
         """Flush the log, then make deletions and reschedules durable in one commit."""
@@ -386,8 +426,9 @@ class QueueCore:
         self.by_source[src].clear()
         self.requeued += n
         if n:
-            log.warning("returned %d in-flight messages of %s to their queues",
-                        n, self.sources[src].name)
+            log.warning(
+                "returned %d in-flight messages of %s to their queues", n, self.sources[src].name
+            )
         return n
 
     def expire_leases(self, now: float) -> int:

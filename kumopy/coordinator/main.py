@@ -257,8 +257,12 @@ class Coordinator:
             self.core.handle_results(src, decode_results(header), now)
         elif kind == "ready":
             credit = int(header["credit"])
-            log.info("worker %s ready (pid %s, credit %d)",
-                     self.core.sources[src].name, header.get("pid"), credit)
+            log.info(
+                "worker %s ready (pid %s, credit %d)",
+                self.core.sources[src].name,
+                header.get("pid"),
+                credit,
+            )
             self.core.worker_ready(src, credit)
             self._ready_seen.add(src)
             self._maybe_announce_ready()
@@ -289,8 +293,9 @@ class Coordinator:
             self.workers.send_multipart([name, *encode_jobs(jobs)], copy=False)
         except zmq.ZMQError as exc:
             # The worker vanished between Ready and now: give the jobs back right away.
-            log.warning("worker %s unreachable (%s); requeueing %d jobs",
-                        name.decode(), exc, len(jobs))
+            log.warning(
+                "worker %s unreachable (%s); requeueing %d jobs", name.decode(), exc, len(jobs)
+            )
             self.core.worker_gone(src, failed=False)
 
     def _worker_exited(self, slot: WorkerSlot, reason: str) -> None:
@@ -303,8 +308,10 @@ class Coordinator:
         st = self.core.status()
         st["workers"] = {s.source.name: s.pid for s in self.arbiter.slots}
         st["failures"] = {s.source.name: s.failed for s in self.arbiter.slots if s.failed}
-        st["spool"] = {"accepted": self.ingress_handler.accepted,
-                       "rejected": self.ingress_handler.rejected}
+        st["spool"] = {
+            "accepted": self.ingress_handler.accepted,
+            "rejected": self.ingress_handler.rejected,
+        }
         return st
 
     # -- stop --------------------------------------------------------------------------------

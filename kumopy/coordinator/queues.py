@@ -34,8 +34,8 @@ def next_retry_delay(config: QueueConfig, attempt: int, rng: random.Random | Non
     if config.max_retry_interval is not None:
         delay = min(delay, config.max_retry_interval)
     # A little jitter keeps a burst of deferrals from coming back as one burst.
-    jitter = (rng or random).uniform(0.0, 0.05)
-    return delay * (1.0 + jitter)
+    jitter: float = (rng or random).uniform(0.0, 0.05)
+    return float(delay * (1.0 + jitter))
 
 
 def site_for(config: QueueConfig) -> tuple[str, list[tuple[str, int]]] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,9 +50,10 @@ class SpooledMeta:
 
     def pack(self) -> bytes:
         """Serialise for the spool's `env` column."""
-        return msgpack.packb(
+        packed: bytes = msgpack.packb(
             [self.sender, self.recipients, self.meta, self.queue, self.created], use_bin_type=True
         )
+        return packed
 
     @classmethod
     def unpack(cls, blob: bytes) -> SpooledMeta:
@@ -80,8 +82,13 @@ def _crc(env: bytes, data: bytes | memoryview) -> int:
 class SpoolStore:
     """SQLite (WAL) spool with group commit: one fsync per batch of accepted messages."""
 
-    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True,
-                 min_free_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        min_free_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir = self.directory / "quarantine"
@@ -172,10 +179,8 @@ class SpoolStore:
             raise SpoolError(f"spool update failed: {exc}") from None
 
     def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self.db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
 
     # -- reads -------------------------------------------------------------------------------
     def load_data(self, msg_id: str) -> bytes | None:
@@ -187,9 +192,7 @@ class SpoolStore:
         """Return the spool id already assigned to each known client id."""
         found: dict[str, str] = {}
         for cid in client_ids:
-            row = self.db.execute(
-                "SELECT msg_id FROM injid WHERE client_id = ?", (cid,)
-            ).fetchone()
+            row = self.db.execute("SELECT msg_id FROM injid WHERE client_id = ?", (cid,)).fetchone()
             if row is not None:
                 found[cid] = row[0]
         return found
@@ -239,10 +242,8 @@ class SpoolStore:
 
     def close(self) -> None:
         """Checkpoint the WAL and close the database."""
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:
-            pass
         self.db.close()
 
 

@@ -33,10 +33,13 @@ def encode_header(kind: str, **fields: Any) -> bytes:
     """Pack a header with the protocol version and kind tag."""
     fields["v"] = PROTOCOL_VERSION
     fields["kind"] = kind
-    return _packer.pack(fields)
+    packed: bytes = _packer.pack(fields)
+    return packed
 
 
-def decode_header(frame: bytes | memoryview, *, max_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+def decode_header(
+    frame: bytes | memoryview, *, max_bytes: int = MAX_HEADER_BYTES
+) -> dict[str, Any]:
     """Decode and check one header frame; raise ProtocolError saying what is wrong."""
     size = len(frame)
     if size > max_bytes:

@@ -127,7 +127,9 @@ def parse_inject(
     if not isinstance(items, list) or not items:
         raise ProtocolError("inject request needs a non-empty 'messages' list")
     if len(items) > limits.max_batch:
-        raise ProtocolError(f"batch of {len(items)} messages exceeds the limit of {limits.max_batch}")
+        raise ProtocolError(
+            f"batch of {len(items)} messages exceeds the limit of {limits.max_batch}"
+        )
     out: list[InboundMessage | InjectionError] = []
     for item in items:
         try:
@@ -142,9 +144,7 @@ def encode_jobs(jobs: Sequence[Job]) -> list[Any]:
     specs = []
     frames: list[Any] = [b""]
     for n, job in enumerate(jobs, start=1):
-        specs.append(
-            [job.job_id, job.msg_id, job.sender, job.recipients, job.hosts, job.site, n]
-        )
+        specs.append([job.job_id, job.msg_id, job.sender, job.recipients, job.hosts, job.site, n])
         frames.append(job.data)
     frames[0] = encode_header("deliver", jobs=specs)
     return frames

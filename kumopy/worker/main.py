@@ -47,7 +47,11 @@ def check_source_address(source: EgressSource) -> str | None:
         try:
             sock.bind((source.source_address, 0))
         except OSError as exc:
-            hint = " (the address is not plumbed on this host)" if exc.errno == errno.EADDRNOTAVAIL else ""
+            hint = (
+                " (the address is not plumbed on this host)"
+                if exc.errno == errno.EADDRNOTAVAIL
+                else ""
+            )
             return f"cannot bind source address {source.source_address}: {exc.strerror}{hint}"
     return None
 
@@ -62,8 +66,14 @@ def _die_with_parent() -> None:
 class WorkerProcess:
     """Receive jobs, feed the Deliverer, send results back in small batches."""
 
-    def __init__(self, source: EgressSource, endpoint: str, credit: int, parent_pid: int,
-                 deliverer_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        source: EgressSource,
+        endpoint: str,
+        credit: int,
+        parent_pid: int,
+        deliverer_options: dict[str, Any] | None = None,
+    ) -> None:
         self.source = source
         self.endpoint = endpoint
         self.credit = credit
@@ -145,8 +155,13 @@ class WorkerProcess:
         return 0
 
 
-def run_worker(source_def: str, endpoint: str, credit: int, parent_pid: int,
-               deliverer_options: dict[str, Any] | None = None) -> int:
+def run_worker(
+    source_def: str,
+    endpoint: str,
+    credit: int,
+    parent_pid: int,
+    deliverer_options: dict[str, Any] | None = None,
+) -> int:
     """Entry point of `python -m kumopy worker`."""
     from kumopy.coordinator.arbiter import WORKER_BOOT_ERROR
 
