@@ -80,7 +80,10 @@ def start_sink(
     extra: Sequence[str] = (),
     stderr: IO[bytes] | None = None,
 ) -> Proc:
-    """Start the SMTP sink on a free port; its records go to workdir/sink.jsonl."""
+    """Start the SMTP sink on a free port; its records go to workdir/sink.jsonl.
+
+    `prefix` runs it under another command, e.g. ``ip netns exec NAME``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "sink.port"
     port_file.unlink(missing_ok=True)
@@ -120,12 +123,14 @@ def start_coordinator(
     env: dict[str, str] | None = None,
     stderr: IO[bytes] | None = None,
     timeout: float = 60.0,
+    prefix: Sequence[str] = (),
+    listen: str = "tcp://127.0.0.1:*",
 ) -> Proc:
     """Start `kumopy run` on a free port and wait until every worker said Ready."""
     workdir.mkdir(parents=True, exist_ok=True)
     ready_file = workdir / "coordinator.ready"
     ready_file.unlink(missing_ok=True)
-    cmd = [*_python(), "run"]
+    cmd = [*prefix, *_python(), "run"]
     if policy:
         cmd.append(policy)
     for s in sources:

@@ -262,15 +262,24 @@ def test_cli_records_to_file_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert rec["pipelined"] is False
 
 
-def test_cli_help_explains_the_scripted_answers() -> None:
+@pytest.mark.parametrize(
+    ("module", "usage"),
+    [
+        (["kumopy.smtp.sink"], "usage: python -m kumopy.smtp.sink "),
+        (["kumopy", "sink"], "usage: kumopy sink "),
+    ],
+    ids=["module", "subcommand"],
+)
+def test_cli_help_explains_the_scripted_answers(module: list[str], usage: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "kumopy.smtp.sink", "--help"],
+        [sys.executable, "-m", *module, "--help"],
         capture_output=True,
         text=True,
         check=True,
         cwd=ROOT,
         timeout=30,
     ).stdout
+    assert out.startswith(usage)
     for word in ("tempfail-once-", "datafail-", "slow-", "--port-file", "--greeting-code"):
         assert word in out
 

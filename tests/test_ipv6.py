@@ -1,0 +1,183 @@
+"""End to end over IPv6: sources bound to IPv6 addresses inside a network namespace of our own."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from kumopy.client import Client, Message
+from kumopy.harness import (
+    Proc,
+    SinkRecords,
+    read_log_records,
+    start_coordinator,
+    start_sink,
+    wait_for,
+)
+from kumopy.inject import make_body
+from tests.conftest_procs import policy_file
+
+V6_A = "fd00:6b75::2"
+V6_B = "fd00:6b75::3"
+V4 = "127.0.0.2"
+EHLO = {V6_A: "a6.mta.test", V6_B: "b6.mta.test", V4: "v4.mta.test"}
+SOURCE_IP = {"a6": V6_A, "b6": V6_B, "v4": V4}
+
+POLICY = """
+import os
+SINK = os.environ["TEST_SINK"]
+
+@kumo.on("init")
+def init():
+    kumo.define_egress_source(name="a6", source_address="fd00:6b75::2", ehlo_domain="a6.mta.test")
+    kumo.define_egress_source(name="b6", source_address="fd00:6b75::3", ehlo_domain="b6.mta.test")
+    kumo.define_egress_source(name="v4", source_address="127.0.0.2", ehlo_domain="v4.mta.test")
+    kumo.define_egress_pool(name="six", entries=[{"name": "a6", "weight": 1},
+                                                 {"name": "b6", "weight": 3}])
+    kumo.define_egress_pool(name="four", entries=[{"name": "v4"}])
+
+@kumo.on("get_queue_config")
+def qc(domain, tenant, campaign, routing_domain):
+    # A long retry interval keeps the IPv4 message's single failure the only one in the log.
+    return kumo.make_queue_config(egress_pool=tenant, mx_list=[SINK], retry_interval="1h")
+"""
+
+
+def _ip(ns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = ["ip", *(["-n", ns] if ns else []), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    """Create a namespace with lo up and two IPv6 addresses on it; always delete it after."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a network namespace needs root")
+    if shutil.which("ip") is None:
+        pytest.skip("the ip command (iproute2) is not installed")
+    name = f"kumopy-t-{secrets.token_hex(4)}"
+    added = _ip(None, "netns", "add", name)
+    if added.returncode != 0:
+        pytest.skip(f"ip netns add failed: {added.stderr.strip()}")
+    try:
+        for args in (
+            ("link", "set", "lo", "up"),
+            ("-6", "addr", "add", f"{V6_A}/128", "dev", "lo", "nodad"),
+            ("-6", "addr", "add", f"{V6_B}/128", "dev", "lo", "nodad"),
+        ):
+            done = _ip(name, *args)
+            assert done.returncode == 0, (args, done.stderr)
+        yield name
+    finally:
+        _ip(None, "netns", "del", name)
+
+
+@dataclass
+class Net:
+    """The processes running inside the namespace, and how to reach them."""
+
+    endpoint: str
+    sink: Proc
+    records: SinkRecords
+    coord: Proc
+
+    def log(self) -> list[dict[str, Any]]:
+        """Return every log record the coordinator wrote so far."""
+        return read_log_records(self.coord.info["log_dir"])
+
+
+@pytest.fixture(scope="module")
+def net(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    """Run a sink on [::1] and a coordinator inside the namespace; stop both by PID."""
+    tmp = tmp_path_factory.mktemp("ipv6")
+    prefix = ["ip", "netns", "exec", netns]
+    procs: list[Proc] = []
+    try:
+        sink = start_sink(tmp / "sink", host="::1", prefix=prefix)
+        procs.append(sink)
+        coord = start_coordinator(
+            tmp / "coord",
+            policy_file(tmp / "policy.py", POLICY),
+            extra=["--log-level", "INFO"],
+            env={"TEST_SINK": f"[::1]:{sink.info['port']}"},
+            prefix=prefix,
+            # A unix socket is a file: reachable from this namespace, unlike the other's loopback.
+            listen=f"ipc://{tmp}/ingress",
+        )
+        procs.append(coord)
+        yield Net(coord.info["endpoint"], sink, SinkRecords(sink.info["record"]), coord)
+    finally:
+        # Coordinator first (it stops its workers), and everything before the namespace goes.
+        for proc in reversed(procs):
+            proc.stop(timeout=30)
+
+
+def _send(endpoint: str, n: int, tenant: str, prefix: str) -> list[str]:
+    msgs = [
+        Message(
+            "s@src.test",
+            [f"{prefix}{i}@dst.test"],
+            make_body("s@src.test", "x", 300, i),
+            tenant=tenant,
+        )
+        for i in range(n)
+    ]
+    with Client(endpoint) as client:
+        results = client.send_batch(msgs)
+    assert all(r.ok for r in results), [str(r.error) for r in results if not r.ok][:3]
+    return [m.recipients[0] for m in msgs]
+
+
+def test_ipv6_pool_sends_from_both_addresses_by_weight(net: Net) -> None:
+    assert net.endpoint.startswith("ipc://")
+    rcpts = set(_send(net.endpoint, 40, "six", "six-"))
+
+    def mine() -> list[dict[str, Any]]:
+        return [r for r in net.records.refresh() if r["rcpt_to"][0] in rcpts]
+
+    recs = wait_for(lambda: len(mine()) >= 40 and mine(), 30, "40 messages at the sink")
+    assert len(recs) == 40
+    assert Counter(r["peer_ip"] for r in recs) == {V6_A: 10, V6_B: 30}
+    for r in recs:
+        assert r["helo"] == EHLO[r["peer_ip"]], r
+        assert r["code"] == 250, r
+
+    def deliveries() -> list[dict[str, Any]]:
+        return [r for r in net.log() if r["type"] == "Delivery" and r["recipient"] in rcpts]
+
+    got = wait_for(lambda: len(deliveries()) >= 40 and deliveries(), 30, "40 Delivery records")
+    assert len(got) == 40
+    assert Counter(d["egress_source"] for d in got) == {"a6": 10, "b6": 30}
+    for d in got:
+        assert d["egress_pool"] == "six"
+        assert d["source_address"]["address"] == SOURCE_IP[d["egress_source"]], d
+        assert d["peer_address"]["addr"] == "::1", d
+        assert d["response"]["code"] == 250, d
+
+
+def test_ipv4_source_does_not_try_an_ipv6_only_host(net: Net) -> None:
+    (rcpt,) = _send(net.endpoint, 1, "four", "four-")
+
+    def failures() -> list[dict[str, Any]]:
+        return [r for r in net.log() if r["recipient"] == rcpt and r["type"] != "Reception"]
+
+    (rec,) = wait_for(failures, 30, "the IPv4 message's outcome")
+    assert rec["type"] == "TransientFailure", rec
+    assert rec["egress_source"] == "v4" and rec["source_address"]["address"] == V4, rec
+    content = rec["response"]["content"]
+    assert "no ipv4 destination host" in content and "::1" in content, content
+    assert "is ipv6" in content, content
+    # The sink took nothing from the IPv4 address, for this message or any other.
+    net.records.refresh()
+    assert not [r for r in net.records.records if rcpt in r["rcpt_to"] or r["peer_ip"] == V4]
+    with Client(net.endpoint) as client:
+        status = client.request("status")
+    assert status["messages"] >= 1  # kept for a retry, not bounced
