@@ -102,6 +102,7 @@ def run(
         "messages": count,
         "size": len(body),
         "connection_limit": connections,
+        # Cumulative: a connection is replaced after max_deliveries_per_connection messages.
         "connections_opened": stats["sites"][SITE]["opened"],
         "outcomes": dict(outcomes),
         "at_sink": len(arrived),
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     r = run(args.count, args.connections, args.size, source_address=args.source)
     print(
         f"{r['messages']} messages of {r['size']} bytes from {args.source}, "
-        f"{r['connections_opened']} connections (limit {r['connection_limit']}): "
+        f"connection_limit {r['connection_limit']} ({r['connections_opened']} opened in all): "
         f"{r['rate']:,.0f} msgs/s in {r['seconds']:.2f} s; outcomes {r['outcomes']}, "
         f"{r['at_sink']} recorded by the sink"
     )

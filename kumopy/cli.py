@@ -52,6 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kumopy.coordinator.core import CoreSettings
     from kumopy.coordinator.main import Coordinator, RunOptions
     from kumopy.ipc.messages import Limits
+    from kumopy.metrics import parse_metrics_address
     from kumopy.policy import load_policy
 
     _setup_logging(args.log_level)
@@ -75,9 +76,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             core=CoreSettings(problem_retry=args.problem_retry),
             worker_args=["--log-level", args.log_level],
             ready_file=args.ready_file,
+            metrics=parse_metrics_address(args.metrics) if args.metrics else None,
         )
         coordinator = Coordinator(policy, options)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"kumopy run: {exc}", file=sys.stderr)
         return 2
     except KumoError as exc:
@@ -160,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="retry delay for queue-level problems (default: the queue's schedule)",
     )
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
     run.add_argument("--ready-file", help="write the bound endpoint here once workers are ready")
     run.add_argument("--log-level", default="INFO")
     run.set_defaults(func=_cmd_run)
@@ -194,7 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # check-config and sink own their whole argument lists.
     if args_list[:1] == ["check-config"]:
-        return _cmd_check_config(args_list[1:])
+        try:
+            return _cmd_check_config(args_list[1:])
+        except BrokenPipeError:
+            return 141
     if args_list[:1] == ["sink"]:
         from kumopy.smtp.sink import main as sink_main
 
@@ -205,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return 141  # stdout closed early (e.g. piped into head): not an error worth a trace
     except KumoError as exc:
         print(f"kumopy {args.command}: {exc}", file=sys.stderr)
         return 1

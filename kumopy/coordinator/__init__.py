@@ -1,0 +1,3 @@
+"""The coordinator process: ingress, spool, queues, dispatch and supervision."""
+
+__all__: list[str] = []

@@ -26,6 +26,7 @@ from kumopy.coordinator.spool import SpoolStore
 from kumopy.errors import ConfigError, KumoError, ProtocolError
 from kumopy.ipc.framing import decode_header, encode_header
 from kumopy.ipc.messages import Limits, decode_results, encode_jobs
+from kumopy.metrics import MetricsExporter
 from kumopy.policy import Policy
 from kumopy.worker.jobs import Job
 
@@ -54,6 +55,8 @@ class RunOptions:
     worker_args: list[str] = field(default_factory=list)
     ready_file: str | None = None
     """Write the bound ingress endpoint here once every worker is ready (tests, demo)."""
+    metrics: tuple[str, int] | None = None
+    """Serve Prometheus metrics on this (host, port)."""
 
 
 def check_listen_endpoint(endpoint: str, allow_remote: bool) -> None:
@@ -106,6 +109,9 @@ class Coordinator:
         self.stopping = False
         self._ready_announced = False
         self._ready_seen: set[int] = set()
+        self.metrics: MetricsExporter | None = None
+        if options.metrics is not None:
+            self.metrics = MetricsExporter(*options.metrics)
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(kind)
@@ -198,6 +204,8 @@ class Coordinator:
                     if mono - last_watchdog >= 1.0:
                         last_watchdog = mono
                         sdnotify.notify("WATCHDOG=1")
+                        if self.metrics is not None:
+                            self.metrics.update(self.status())
                 if self.stopping:
                     if not stop_deadline:
                         stop_deadline = mono + self.options.drain_timeout
@@ -312,6 +320,7 @@ class Coordinator:
             "accepted": self.ingress_handler.accepted,
             "rejected": self.ingress_handler.rejected,
         }
+        st["metrics_port"] = self.metrics.port if self.metrics is not None else None
         return st
 
     # -- stop --------------------------------------------------------------------------------
@@ -342,6 +351,8 @@ class Coordinator:
             log.error("final spool update failed: %s", exc)
         self.logs.close()
         self.spool.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.ingress.close(0)
         self.workers.close(0)
         self.ctx.term()

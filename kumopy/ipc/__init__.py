@@ -1,0 +1,3 @@
+"""ZeroMQ framing and the message kinds exchanged between processes."""
+
+__all__: list[str] = []
