@@ -49,6 +49,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import zmq
+
     from kumopy.coordinator.core import CoreSettings
     from kumopy.coordinator.main import Coordinator, RunOptions
     from kumopy.ipc.messages import Limits
@@ -79,6 +81,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
         )
         coordinator = Coordinator(policy, options)
+    except zmq.ZMQError as exc:
+        print(f"kumopy run: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 1
     except (ConfigError, ValueError) as exc:
         print(f"kumopy run: {exc}", file=sys.stderr)
         return 2

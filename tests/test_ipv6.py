@@ -169,7 +169,9 @@ def test_ipv4_source_does_not_try_an_ipv6_only_host(net: Net) -> None:
     def failures() -> list[dict[str, Any]]:
         return [r for r in net.log() if r["recipient"] == rcpt and r["type"] != "Reception"]
 
-    (rec,) = wait_for(failures, 30, "the IPv4 message's outcome")
+    recs = wait_for(failures, 30, "the IPv4 message's outcome")
+    assert len(recs) == 1, recs
+    rec = recs[0]
     assert rec["type"] == "TransientFailure", rec
     assert rec["egress_source"] == "v4" and rec["source_address"]["address"] == V4, rec
     content = rec["response"]["content"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import signal
 from collections import Counter
 from collections.abc import Callable
 
+import msgpack
 import zmq
 
 from kumopy.client import Client, Message
@@ -295,3 +297,68 @@ def test_cli_lists_its_subcommands() -> None:
     assert out.returncode == 0
     for cmd in ("run", "inject", "demo", "check-config", "status"):
         assert cmd in out.stdout
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> object:
+    choices: list[Callable[[], object]] = [
+        lambda: rng.randint(-(2**40), 2**40),
+        lambda: rng.random(),
+        lambda: "".join(chr(rng.randint(0, 0x2FF)) for _ in range(rng.randint(0, 12))),
+        lambda: rng.randbytes(rng.randint(0, 12)),
+        lambda: None,
+        lambda: rng.choice([True, False]),
+    ]
+    if depth < 3:
+        choices.append(lambda: [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))])
+        choices.append(
+            lambda: {
+                rng.choice(
+                    ["sender", "recipients", "data", "id", "meta", "tenant", "x"]
+                ): _random_value(rng, depth + 1)
+                for _ in range(rng.randint(0, 5))
+            }
+        )
+    return rng.choice(choices)()
+
+
+def test_random_malformed_requests_never_stop_the_coordinator(cluster, make_policy) -> None:
+    endpoint, _coord, records = _start(cluster, make_policy)
+    rng = random.Random(1234)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        for i in range(300):
+            kind = rng.choice(["inject", "inject", "status", "ping", "nope", 5])
+            header: dict[str, object] = {"v": rng.choice([1, 1, 1, 2, "1"]), "kind": kind, "req": i}
+            if rng.random() < 0.8:
+                header["messages"] = (
+                    _random_value(rng)
+                    if rng.random() < 0.3
+                    else [_random_value(rng) for _ in range(rng.randint(0, 4))]
+                )
+            frames = [
+                msgpack.packb(header, use_bin_type=True)
+                if rng.random() < 0.9
+                else rng.randbytes(rng.randint(0, 40))
+            ]
+            frames += [rng.randbytes(rng.randint(0, 50)) for _ in range(rng.randint(0, 3))]
+            sock.send_multipart(frames)
+        answered = 0
+        while sock.poll(2000):
+            sock.recv_multipart()
+            answered += 1
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert answered >= 250  # frames that are not a header at all get no answer
+    with Client(endpoint) as client:
+        assert client.send(
+            "s@src.test", "after-fuzz@dst.test", b"Subject: ok\r\n\r\nx\r\n", tenant="one"
+        ).ok
+    wait_for(
+        lambda: any(r["rcpt_to"] == ["after-fuzz@dst.test"] for r in records.refresh()),
+        30,
+        "the message after the fuzzing",
+    )

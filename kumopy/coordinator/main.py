@@ -24,7 +24,7 @@ from kumopy.coordinator.logs import LogWriter
 from kumopy.coordinator.queues import Msg
 from kumopy.coordinator.spool import SpoolStore
 from kumopy.errors import ConfigError, KumoError, ProtocolError
-from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.ipc.framing import decode_header, encode_header, error_reply
 from kumopy.ipc.messages import Limits, decode_results, encode_jobs
 from kumopy.metrics import MetricsExporter
 from kumopy.policy import Policy
@@ -233,7 +233,19 @@ class Coordinator:
                 batch.append(self.ingress.recv_multipart(zmq.NOBLOCK, copy=False))
             except zmq.Again:
                 break
-        for reply in self.ingress_handler.handle_batch(batch):
+        try:
+            replies = self.ingress_handler.handle_batch(batch)
+        except Exception:
+            # A bug must not take the coordinator down: isolate the request that triggers it.
+            log.exception("ingress batch failed; retrying its %d requests one by one", len(batch))
+            replies = []
+            for frames in batch:
+                try:
+                    replies.extend(self.ingress_handler.handle_batch([frames]))
+                except Exception as exc:
+                    log.exception("request refused after an internal error")
+                    replies.append([frames[0], error_reply(None, f"internal error: {exc}")])
+        for reply in replies:
             try:
                 self.ingress.send_multipart(reply, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
