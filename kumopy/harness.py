@@ -79,6 +79,7 @@ def start_sink(
     raw: bool = False,
     extra: Sequence[str] = (),
     stderr: IO[bytes] | None = None,
+    prefix: Sequence[str] = (),
 ) -> Proc:
     """Start the SMTP sink on a free port; its records go to workdir/sink.jsonl.
 
@@ -89,10 +90,11 @@ def start_sink(
     port_file.unlink(missing_ok=True)
     record = workdir / "sink.jsonl"
     cmd = [
+        *prefix,
         *_python(),
         "sink",
         "--listen",
-        f"{host}:0",
+        f"[{host}]:0" if ":" in host else f"{host}:0",
         "--port-file",
         str(port_file),
         "--record",
@@ -137,7 +139,7 @@ def start_coordinator(
         cmd += ["--sources", s]
     cmd += [
         "--listen",
-        "tcp://127.0.0.1:*",
+        listen,
         "--ready-file",
         str(ready_file),
         "--spool",

@@ -372,7 +372,8 @@ class Deliverer:
         src = self.source.source_address
         candidates, skipped = await self._candidates(hosts)
         if not candidates:
-            listed = ", ".join(f"{h}:{p}" for h, p in hosts) or "none"
+            listed = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
+            listed = listed or "none"
             why = f"; {skipped}" if skipped else ""
             text = (
                 f"kumopy: no {self.source.family or 'usable'} destination host for source "
