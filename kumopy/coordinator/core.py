@@ -44,6 +44,8 @@ class CoreSettings:
     """Bodies kept in memory up to this many bytes; beyond it they are read from the spool."""
     problem_retry: float | None = None
     """Override of the retry delay used for queue-level problems (tests)."""
+    outcome_delay: float = 0.01
+    """Outcomes are committed to the spool at most this long after they arrive (batching)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -101,6 +103,7 @@ class QueueCore:
         """Jobs handed back from a dead worker or an expired lease (at-least-once)."""
         self.recovered = 0
         self._deletes: list[str] = []
+        self._last_commit = 0.0
         self._reschedules: list[tuple[str, SpooledMeta, float, int]] = []
 
     # -- queues ------------------------------------------------------------------------------
@@ -395,10 +398,19 @@ class QueueCore:
             None,
         )
 
-    def commit_outcomes(self) -> None:
-        """Flush the log, then make deletions and reschedules durable in one commit."""
+    def outcomes_pending(self) -> bool:
+        """Return True when outcomes wait for their spool commit."""
+        return bool(self._deletes or self._reschedules)
+
+    def commit_outcomes(self, force: bool = False) -> None:
+        """Flush the log, then record deletions and reschedules in the spool in one commit."""
         if not self._deletes and not self._reschedules:
             return
+        now = time.monotonic()
+        pending = len(self._deletes) + len(self._reschedules)
+        if not force and pending < 2000 and now - self._last_commit < self.settings.outcome_delay:
+            return
+        self._last_commit = now
         self.logs.flush()
         deletes, self._deletes = self._deletes, []
         reschedules, self._reschedules = self._reschedules, []

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 __all__ = ["LogWriter", "enhanced_code_dict", "response_dict"]
 
@@ -40,14 +41,14 @@ class LogWriter:
 
     def __init__(self, directory: str | os.PathLike[str] | None, nodeid: str | None = None) -> None:
         self.nodeid = nodeid or socket.gethostname()
-        self.fh: IO[str] | None = None
+        self.fh: IO[bytes] | None = None
         self.path: Path | None = None
         if directory is not None:
             d = Path(directory)
             d.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             self.path = d / f"{stamp}-{os.getpid()}.jsonl"
-            self.fh = open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+            self.fh = open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115
         self.counts: dict[str, int] = {}
 
     def write(self, record: dict[str, Any]) -> None:
@@ -56,8 +57,8 @@ class LogWriter:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if self.fh is not None:
             record.setdefault("nodeid", self.nodeid)
-            self.fh.write(json.dumps(record, separators=(",", ":")))
-            self.fh.write("\n")
+            # orjson: about ten times faster than json.dumps, which showed in profiles.
+            self.fh.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
 
     def flush(self) -> None:
         """Push buffered records to the file (called before the spool forgets a message)."""

@@ -223,6 +223,8 @@ class Coordinator:
     def _poll_timeout(self, now: float) -> int:
         nxt = self.core.due.next_due()
         wait = min(0.2, max(0.0, nxt - now))
+        if self.core.outcomes_pending():
+            wait = min(wait, self.core.settings.outcome_delay)
         return int(wait * 1000) + (1 if wait > 0 else 0)
 
     # -- sockets -----------------------------------------------------------------------------
@@ -310,7 +312,9 @@ class Coordinator:
     def _send_jobs(self, src: int, jobs: list[Job]) -> None:
         name = self.core.sources[src].name.encode()
         try:
-            self.workers.send_multipart([name, *encode_jobs(jobs)], copy=False)
+            # Zero-copy pays only for large bodies; small frames are cheaper to copy.
+            big = any(len(j.data) > 65536 for j in jobs)
+            self.workers.send_multipart([name, *encode_jobs(jobs)], copy=not big)
         except zmq.ZMQError as exc:
             # The worker vanished between Ready and now: give the jobs back right away.
             log.warning(
@@ -358,7 +362,7 @@ class Coordinator:
                 self.arbiter.terminate_all(signal.SIGKILL)
                 self.arbiter.wait_all(time.monotonic() + 5)
         try:
-            self.core.commit_outcomes()
+            self.core.commit_outcomes(force=True)
         except KumoError as exc:
             log.error("final spool update failed: %s", exc)
         self.logs.close()
