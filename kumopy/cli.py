@@ -80,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             ready_file=args.ready_file,
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
         )
-        coordinator = Coordinator(policy, options)
+        coordinator = Coordinator(policy, options, args.sources)
     except zmq.ZMQError as exc:
         print(f"kumopy run: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 1

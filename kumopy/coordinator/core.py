@@ -81,11 +81,8 @@ class QueueCore:
         self.ledger = Ledger(self.mask)
         self.live = [True] * len(self.sources)
         self.selectors: dict[str, SmoothSelector] = {}
-        for pool in cfg.pools.values():
-            idx = [self.source_index[e.name] for e in pool.entries]
-            self.selectors[pool.name] = SmoothSelector(
-                idx, [e.weight for e in pool.entries], self.mask
-            )
+        self.picks: dict[str, list[int]] = {}
+        self._build_selectors()
         self.due = DueQueue()
         self.msgs: dict[int, Msg] = {}
         self.queues: dict[str, SchedQueue] = {}
@@ -97,7 +94,6 @@ class QueueCore:
         self._handles = itertools.count(1)
         self._jobs = itertools.count(1)
         self.cached_bytes = 0
-        self.picks: dict[str, list[int]] = {p: [0] * len(self.sources) for p in self.selectors}
         self.delivered = [0] * len(self.sources)
         self.requeued = 0
         """Jobs handed back from a dead worker or an expired lease (at-least-once)."""
@@ -116,16 +112,39 @@ class QueueCore:
         name = queue_name(domain, tenant, campaign)
         q = self.queues.get(name)
         if q is None:
-            try:
-                config: QueueConfig | None = self.policy.queue_config(domain, tenant, campaign)
-                error = None
-            except PolicyError as exc:
-                config, error = None, exc.message
-                log.error("queue %s: %s", name, error)
-            q = SchedQueue(name, config, error)
+            q = SchedQueue(name, key, None)
+            self._configure(q)
             self.queues[name] = q
         self._qcfg_cache[key] = q
         return q
+
+    def _configure(self, q: SchedQueue) -> None:
+        try:
+            q.config, q.error = self.policy.queue_config(*q.key), None
+        except PolicyError as exc:
+            q.config, q.error = None, exc.message
+            log.error("queue %s: %s", q.name, q.error)
+
+    def _build_selectors(self) -> None:
+        old = getattr(self, "picks", {})
+        self.selectors = {}
+        for pool in self.policy.config.pools.values():
+            idx = [self.source_index[e.name] for e in pool.entries]
+            weights = [e.weight for e in pool.entries]
+            self.selectors[pool.name] = SmoothSelector(idx, weights, self.mask)
+        self.picks = {p: old.get(p, [0] * len(self.sources)) for p in self.selectors}
+
+    def reload(self, policy: Policy) -> None:
+        """Adopt a new policy: pools, weights and queue configs; the sources must not change."""
+        if policy.config.used_sources() != self.sources:
+            raise PolicyError(
+                "the reloaded policy changes the egress sources in use; restart kumopy to "
+                "start or stop workers (pools, weights and queue configs reload live)"
+            )
+        self.policy = policy
+        self._build_selectors()
+        for q in self.queues.values():
+            self._configure(q)
 
     def add(self, msg: Msg, now: float) -> None:
         """Track a message: ready now if due, else in the due-time heap."""
@@ -211,7 +230,10 @@ class QueueCore:
             )
             return 0
         pool = config.egress_pool
-        sel = self.selectors[pool]
+        sel = self.selectors.get(pool)
+        if sel is None:  # cannot happen: the policy checks pool names, reload redoes configs
+            self._queue_problem(q, now, f"egress pool {pool} does not exist", "4.3.0")
+            return 0
         n = 0
         while q.ready and n < self.settings.quantum:
             src = sel.pick()
@@ -233,7 +255,7 @@ class QueueCore:
                 continue
             job_id = next(self._jobs)
             self.ledger.take(src)
-            self.picks[pool][src] += 1
+            self.picks[pool][src] += 1  # pool exists: configs are redone on every reload
             self.inflight[job_id] = _Inflight(msg, src, pool, q, now, site[0])
             self.by_source[src].add(job_id)
             env = msg.env

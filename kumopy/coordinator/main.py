@@ -9,6 +9,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ from kumopy.coordinator.ingress import Ingress
 from kumopy.coordinator.logs import LogWriter
 from kumopy.coordinator.queues import Msg
 from kumopy.coordinator.spool import SpoolStore
-from kumopy.errors import ConfigError, KumoError, ProtocolError
+from kumopy.errors import ConfigError, KumoError, PolicyError, ProtocolError
 from kumopy.ipc.framing import decode_header, encode_header, error_reply
 from kumopy.ipc.messages import Limits, decode_results, encode_jobs
 from kumopy.metrics import MetricsExporter
-from kumopy.policy import Policy
+from kumopy.policy import Policy, load_policy
 from kumopy.worker.jobs import Job
 
 __all__ = ["DEFAULT_ENDPOINT", "Coordinator", "RunOptions", "check_listen_endpoint"]
@@ -80,10 +81,14 @@ def check_listen_endpoint(endpoint: str, allow_remote: bool) -> None:
 class Coordinator:
     """Own the policy, spool and queues; feed the workers; answer injectors."""
 
-    def __init__(self, policy: Policy, options: RunOptions) -> None:
+    def __init__(
+        self, policy: Policy, options: RunOptions, sources_files: Sequence[str] = ()
+    ) -> None:
         check_listen_endpoint(options.listen, options.allow_remote)
         self.options = options
         self.policy = policy
+        self.sources_files = list(sources_files)
+        self.reloads = {"ok": 0, "failed": 0}
         self.spool = SpoolStore(
             options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_bytes
         )
@@ -144,7 +149,21 @@ class Coordinator:
                     log.info("received %s; draining", signal.Signals(sig).name)
                     self.begin_stop()
             elif sig == signal.SIGHUP:
-                log.warning("SIGHUP: live policy reload is not supported yet; restart to reload")
+                self.reload()
+
+    def reload(self) -> bool:
+        """Reload the policy (SIGHUP); keep the running one if the new one has any error."""
+        try:
+            policy = load_policy(self.policy.path, self.sources_files)
+            self.core.reload(policy)
+        except (ConfigError, PolicyError) as exc:
+            log.error("reload refused, keeping the running policy: %s", exc)
+            self.reloads["failed"] += 1
+            return False
+        self.policy = policy
+        self.reloads["ok"] += 1
+        log.info("policy reloaded from %s", policy.path)
+        return True
 
     # -- start -------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -336,6 +355,7 @@ class Coordinator:
             "accepted": self.ingress_handler.accepted,
             "rejected": self.ingress_handler.rejected,
         }
+        st["reloads"] = dict(self.reloads)
         st["metrics_port"] = self.metrics.port if self.metrics is not None else None
         return st
 

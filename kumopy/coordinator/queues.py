@@ -65,6 +65,8 @@ class SchedQueue:
     """One scheduled queue: its config from the policy and its messages that are due now."""
 
     name: str
+    key: tuple[str, str | None, str | None]
+    """(domain, tenant, campaign): what the policy is asked about this queue."""
     config: QueueConfig | None
     error: str | None = None
     """Why the queue cannot send (policy error); messages wait and retry meanwhile."""
