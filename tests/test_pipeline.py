@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import msgpack
+import pytest
 import zmq
 
 from kumopy.client import Client, Message
@@ -66,9 +67,10 @@ def _start(
     body: str = POLICY,
     raw: bool = False,
     extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> tuple[str, Proc, SinkRecords]:
     sink, records = cluster.sink(raw=raw)
-    env = {"TEST_SINK": f"127.0.0.1:{sink.info['port']}"}
+    env = {"TEST_SINK": f"127.0.0.1:{sink.info['port']}", **(env or {})}
     coord = cluster.coordinator(make_policy(body), env=env, extra=extra)
     return coord.info["endpoint"], coord, records
 
@@ -104,8 +106,12 @@ def test_two_tenants_leave_from_their_pools_ips_with_their_ehlo(cluster, make_po
     assert len(receptions) == 400
 
 
-def test_weights_hold_in_every_window(cluster, make_policy) -> None:
-    endpoint, coord, records = _start(cluster, make_policy, extra=("--credit", "2000"))
+@pytest.mark.parametrize("impl", ["c", "py"])
+def test_weights_hold_in_every_window(cluster, make_policy, impl: str) -> None:
+    env = {"KUMOPY_NO_EXTENSIONS": "1" if impl == "py" else ""}
+    endpoint, coord, records = _start(cluster, make_policy, extra=("--credit", "2000"), env=env)
+    with Client(endpoint) as client:
+        assert client.request("status")["fast_impl"] == impl
     rcpts = _send(endpoint, 90, "one", "w-")
     records.wait_count(90, 60)
     wait_for(

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from kumopy import sdnotify
+from kumopy._fast import IMPLEMENTATION
 from kumopy.coordinator.arbiter import Arbiter, WorkerSlot
 from kumopy.coordinator.core import CoreSettings, QueueCore
 from kumopy.coordinator.ingress import Ingress
@@ -356,6 +357,7 @@ class Coordinator:
             "rejected": self.ingress_handler.rejected,
         }
         st["reloads"] = dict(self.reloads)
+        st["fast_impl"] = IMPLEMENTATION
         st["metrics_port"] = self.metrics.port if self.metrics is not None else None
         return st
 
