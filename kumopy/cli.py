@@ -75,7 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             credit=args.credit,
             drain_timeout=args.drain_timeout,
             allow_remote=args.allow_remote_ingress,
-            core=CoreSettings(problem_retry=args.problem_retry),
+            core=CoreSettings(problem_retry=args.problem_retry, max_ready=args.max_ready),
             worker_args=["--log-level", args.log_level],
             ready_file=args.ready_file,
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-message-size", type=parse_size, default=DEFAULT_MAX_MESSAGE_SIZE)
     run.add_argument(
         "--credit", type=int, default=256, help="deliveries each worker may hold at once"
+    )
+    run.add_argument(
+        "--max-ready",
+        type=int,
+        default=1024,
+        help="messages picked for a source that may wait for its worker's credit",
     )
     run.add_argument(
         "--drain-timeout",

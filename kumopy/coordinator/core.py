@@ -46,6 +46,10 @@ class CoreSettings:
     """Override of the retry delay used for queue-level problems (tests)."""
     outcome_delay: float = 0.01
     """Outcomes are committed to the spool at most this long after they arrive (batching)."""
+    max_ready: int = 1024
+    """Messages picked for a source that may wait for its worker's credit (KumoMTA's
+    max_ready); past it the source is not eligible and the pool's other sources take its
+    share."""
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +60,7 @@ class _Inflight:
     queue: SchedQueue
     since: float
     site: str
+    hosts: list[tuple[str, int]]
 
 
 class QueueCore:
@@ -91,6 +96,11 @@ class QueueCore:
         self._qcfg_cache: dict[tuple[str, str | None, str | None], SchedQueue] = {}
         self.inflight: dict[int, _Inflight] = {}
         self.by_source: list[set[int]] = [set() for _ in self.sources]
+        # Picked for a source, waiting for its worker's credit: the weights hold under load
+        # because a busy source keeps its share here instead of losing it to the others.
+        self.backlog: list[deque[_Inflight]] = [deque() for _ in self.sources]
+        self.worker_credit = [0] * len(self.sources)
+        self.at_worker = [0] * len(self.sources)
         self._handles = itertools.count(1)
         self._jobs = itertools.count(1)
         self.cached_bytes = 0
@@ -194,13 +204,12 @@ class QueueCore:
 
     # -- dispatch ----------------------------------------------------------------------------
     def dispatch(self, now: float) -> int:
-        """Hand ready messages to workers, queue by queue in turn, by weighted selection."""
-        out: dict[int, list[Job]] = {}
-        sent = 0
+        """Pick sources for ready messages, queue by queue in turn, then feed the workers."""
+        moved = 0
         for _ in range(len(self.active)):
             q = self.active[0]
             self.active.rotate(-1)
-            sent += self._dispatch_queue(q, now, out)
+            moved += self._dispatch_queue(q, now)
         while self.active and not self.active[0].ready:
             self._active_set.discard(self.active.popleft().name)
         # Drop emptied queues from the rotation wherever they sit.
@@ -208,11 +217,40 @@ class QueueCore:
             keep = deque(q for q in self.active if q.ready)
             self._active_set = {q.name for q in keep}
             self.active = keep
-        for src, jobs in out.items():
-            self.send_jobs(src, jobs)
+        return moved + self._feed_workers(now)
+
+    def _feed_workers(self, now: float) -> int:
+        """Send each source's picked messages to its worker while it has credit."""
+        sent = 0
+        for src, backlog in enumerate(self.backlog):
+            room = self.worker_credit[src] - self.at_worker[src]
+            if not backlog or room <= 0:
+                continue
+            jobs: list[Job] = []
+            while backlog and len(jobs) < room:
+                item = backlog.popleft()
+                msg = item.msg
+                data = msg.data if msg.data is not None else self.spool.load_data(msg.msg_id)
+                if data is None:
+                    log.error("message %s vanished from the spool; forgetting it", msg.msg_id)
+                    self.msgs.pop(msg.handle, None)
+                    self.ledger.release(src)
+                    continue
+                job_id = next(self._jobs)
+                item.since = now
+                self.inflight[job_id] = item
+                self.by_source[src].add(job_id)
+                env = msg.env
+                jobs.append(
+                    Job(job_id, msg.msg_id, env.sender, env.recipients, data, item.hosts, item.site)
+                )
+            if jobs:
+                self.at_worker[src] += len(jobs)
+                sent += len(jobs)
+                self.send_jobs(src, jobs)
         return sent
 
-    def _dispatch_queue(self, q: SchedQueue, now: float, out: dict[int, list[Job]]) -> int:
+    def _dispatch_queue(self, q: SchedQueue, now: float) -> int:
         if not q.ready:
             return 0
         config = q.config
@@ -248,20 +286,9 @@ class QueueCore:
                     self._queue_problem(q, now, why, "4.4.5")
                 break
             msg = q.ready.popleft()
-            data = msg.data if msg.data is not None else self.spool.load_data(msg.msg_id)
-            if data is None:
-                log.error("message %s vanished from the spool; dropping it from memory", msg.msg_id)
-                self.msgs.pop(msg.handle, None)
-                continue
-            job_id = next(self._jobs)
             self.ledger.take(src)
-            self.picks[pool][src] += 1  # pool exists: configs are redone on every reload
-            self.inflight[job_id] = _Inflight(msg, src, pool, q, now, site[0])
-            self.by_source[src].add(job_id)
-            env = msg.env
-            out.setdefault(src, []).append(
-                Job(job_id, msg.msg_id, env.sender, env.recipients, data, site[1], site[0])
-            )
+            self.picks[pool][src] += 1
+            self.backlog[src].append(_Inflight(msg, src, pool, q, now, site[0], site[1]))
             n += 1
         return n
 
@@ -293,6 +320,7 @@ class QueueCore:
                 continue
             self.by_source[job.source].discard(res.job_id)
             self.ledger.release(job.source)
+            self.at_worker[job.source] -= 1
             msg = job.msg
             pending: list[str] = []
             sa = res.source_address
@@ -442,22 +470,34 @@ class QueueCore:
     def worker_ready(self, src: int, credit: int) -> None:
         """A worker (re)connected and can take `credit` jobs."""
         self.live[src] = True
-        self.ledger.set_credit(src, credit)
+        self.worker_credit[src] = credit
+        self.ledger.set_credit(src, credit + self.settings.max_ready)
+
+    def worker_stopping(self, src: int) -> None:
+        """A worker said bye: send it nothing more and pick other sources meanwhile."""
+        self.worker_credit[src] = 0
+        self.ledger.set_credit(src, 0)
 
     def worker_gone(self, src: int, failed: bool) -> int:
         """Return a dead worker's jobs to their queues; they will pick a source again."""
         self.ledger.set_credit(src, 0)
         self.ledger.reset_inflight(src)
+        self.worker_credit[src] = 0
+        self.at_worker[src] = 0
         if failed:
             self.live[src] = False
         n = 0
-        for job_id in sorted(self.by_source[src]):
+        for job_id in sorted(self.by_source[src], reverse=True):
             job = self.inflight.pop(job_id, None)
-            if job is None:
-                continue
-            self._make_ready(job.queue, job.msg, front=True)
-            n += 1
+            if job is not None:
+                self._make_ready(job.queue, job.msg, front=True)
+                n += 1
         self.by_source[src].clear()
+        backlog = self.backlog[src]
+        while backlog:
+            item = backlog.pop()
+            self._make_ready(item.queue, item.msg, front=True)
+            n += 1
         self.requeued += n
         if n:
             log.warning(
@@ -473,6 +513,7 @@ class QueueCore:
             job = self.inflight.pop(job_id)
             self.by_source[job.source].discard(job_id)
             self.ledger.release(job.source)
+            self.at_worker[job.source] -= 1
             self._make_ready(job.queue, job.msg, front=True)
         self.requeued += len(stale)
         return len(stale)
@@ -482,6 +523,7 @@ class QueueCore:
         return {
             "messages": len(self.msgs),
             "inflight": len(self.inflight),
+            "backlog": sum(len(b) for b in self.backlog),
             "delayed": len(self.due),
             "requeued": self.requeued,
             "recovered": self.recovered,
@@ -491,8 +533,9 @@ class QueueCore:
                 s.name: {
                     "source_address": s.source_address,
                     "ehlo_domain": s.ehlo_domain,
-                    "credit": self.ledger.credit(i),
-                    "inflight": self.ledger.inflight(i),
+                    "credit": self.worker_credit[i],
+                    "inflight": self.at_worker[i],
+                    "backlog": len(self.backlog[i]),
                     "delivered": self.delivered[i],
                     "live": self.live[i],
                 }

@@ -311,7 +311,7 @@ class Coordinator:
         elif kind == "heartbeat":
             pass
         elif kind == "bye":
-            self.core.ledger.set_credit(src, 0)
+            self.core.worker_stopping(src)
         else:
             raise ProtocolError(f"unknown worker message kind {kind!r}")
 

@@ -1,0 +1,157 @@
+"""The coordinator's queueing core alone: selection under load, overflow, requeue, retries."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kumopy.config import QueueConfig
+from kumopy.coordinator.core import CoreSettings, QueueCore
+from kumopy.coordinator.ingress import Ingress
+from kumopy.coordinator.logs import LogWriter
+from kumopy.coordinator.queues import next_retry_delay, queue_name
+from kumopy.coordinator.spool import SpoolStore
+from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.ipc.messages import Limits
+from kumopy.policy import load_policy
+from kumopy.worker.jobs import DELIVERED, Job, JobResult, RecipientResult
+
+POLICY = """
+from kumopy import kumo
+
+@kumo.on("init")
+def init():
+    kumo.define_egress_source(name="a", source_address="127.0.0.2")
+    kumo.define_egress_source(name="b", source_address="127.0.0.3")
+    kumo.define_egress_pool(name="p", entries=[{"name": "a", "weight": 1},
+                                               {"name": "b", "weight": 3}])
+
+@kumo.on("get_queue_config")
+def qc(domain, tenant, campaign, routing_domain):
+    return kumo.make_queue_config(egress_pool="p", mx_list=["127.0.0.1:2525"])
+"""
+
+
+class Harness:
+    """A QueueCore with a real spool, fed through the real ingress code."""
+
+    def __init__(self, tmp: Path, **settings: object) -> None:
+        (tmp / "policy.py").write_text(POLICY)
+        self.spool = SpoolStore(tmp / "spool", fsync=False, min_free_bytes=0)
+        self.sent: dict[int, list[Job]] = {0: [], 1: [], 2: []}
+        self.core = QueueCore(
+            load_policy(tmp / "policy.py"),
+            self.spool,
+            LogWriter(None),
+            lambda src, jobs: self.sent[src].extend(jobs),
+            CoreSettings(**settings),
+        )  # type: ignore[arg-type]
+        self.ingress = Ingress(self.core, Limits(), lambda: {})
+        self.a = self.core.source_index["a"]
+        self.b = self.core.source_index["b"]
+
+    def inject(self, n: int) -> None:
+        msgs = [
+            {"sender": "s@x.test", "recipients": [f"r{i}@y.test"], "data": b"hi\r\n"}
+            for i in range(n)
+        ]
+        replies = self.ingress.handle_batch(
+            [[b"peer", encode_header("inject", req=1, messages=msgs)]]
+        )
+        assert all(m["ok"] for m in decode_header(replies[0][1])["result"]["messages"])
+
+    def pump(self) -> None:
+        """Dispatch until nothing moves (each call serves a queue at most `quantum`)."""
+        while self.core.dispatch(0.0):
+            pass
+
+    def deliver(self, src: int, count: int | None = None) -> int:
+        jobs = self.sent[src][: count if count is not None else len(self.sent[src])]
+        del self.sent[src][: len(jobs)]
+        results = [
+            JobResult(
+                j.job_id,
+                [RecipientResult(r, DELIVERED, 250, "2.0.0", "ok", ".") for r in j.recipients],
+            )
+            for j in jobs
+        ]
+        self.core.handle_results(src, results, 0.0)
+        return len(jobs)
+
+
+def test_weights_hold_while_every_worker_is_busy(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.core.worker_ready(h.a, 1)
+    h.core.worker_ready(h.b, 1)
+    h.inject(400)
+    h.pump()
+    # Each worker holds one job; the rest wait in the chosen source's backlog.
+    assert len(h.sent[h.a]) == 1 and len(h.sent[h.b]) == 1
+    assert Counter({h.a: h.core.picks["p"][h.a], h.b: h.core.picks["p"][h.b]}) == {
+        h.a: 100,
+        h.b: 300,
+    }
+    done = Counter[int]()
+    while h.core.inflight:
+        for src in (h.a, h.b):
+            done[src] += h.deliver(src)
+        h.pump()
+    assert done == {h.a: 100, h.b: 300}
+
+
+def test_a_full_backlog_overflows_to_the_other_sources(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_ready=2)
+    h.core.worker_ready(h.a, 1)
+    h.core.worker_ready(h.b, 1000)
+    h.inject(40)
+    h.pump()
+    # a never answers: it holds 1 job plus 2 in its backlog; b takes every other message.
+    assert len(h.sent[h.a]) == 1 and len(h.core.backlog[h.a]) == 2
+    assert len(h.sent[h.b]) == 37
+    assert not h.core.mask.get(h.a) and h.core.mask.get(h.b)
+
+
+def test_a_dead_worker_gives_back_its_jobs_and_backlog(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.core.worker_ready(h.a, 2)
+    h.core.worker_ready(h.b, 2)
+    h.inject(20)
+    h.pump()
+    held = len(h.sent[h.a]) + len(h.core.backlog[h.a])
+    assert held == 5
+    assert h.core.worker_gone(h.a, failed=True) == 5
+    h.sent[h.a].clear()
+    h.pump()
+    assert len(h.core.backlog[h.a]) == 0  # nothing is picked for a dead source
+    while h.core.inflight:
+        h.deliver(h.b)
+        h.pump()
+    assert h.core.delivered[h.b] == 20 and h.core.delivered[h.a] == 0
+    h.core.commit_outcomes(force=True)
+    assert h.spool.count() == 0
+
+
+def test_retry_delay_doubles_is_capped_and_jittered() -> None:
+    rng = random.Random(7)
+    cfg = QueueConfig(retry_interval=60.0, max_retry_interval=600.0)
+    delays = [next_retry_delay(cfg, n, rng) for n in range(6)]
+    for n, d in enumerate(delays):
+        base = min(600.0, 60.0 * 2**n)
+        assert base <= d <= base * 1.05
+    assert next_retry_delay(QueueConfig(retry_interval=1.0), 40, rng) >= 2**32
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (("d.test", None, None), "d.test"),
+        (("d.test", "t", None), "t@d.test"),
+        (("d.test", None, "c"), "c:d.test"),
+        (("d.test", "t", "c"), "c:t@d.test"),
+    ],
+)
+def test_queue_names(args: tuple[str, str | None, str | None], name: str) -> None:
+    assert queue_name(*args) == name
