@@ -75,7 +75,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             credit=args.credit,
             drain_timeout=args.drain_timeout,
             allow_remote=args.allow_remote_ingress,
-            core=CoreSettings(problem_retry=args.problem_retry, max_ready=args.max_ready),
+            core=CoreSettings(
+                problem_retry=args.problem_retry,
+                max_ready=args.max_ready,
+                suspend_unplumbed=args.suspend_unplumbed,
+            ),
             worker_args=["--log-level", args.log_level],
             ready_file=args.ready_file,
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
@@ -154,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-message-size", type=parse_size, default=DEFAULT_MAX_MESSAGE_SIZE)
     run.add_argument(
         "--credit", type=int, default=256, help="deliveries each worker may hold at once"
+    )
+    run.add_argument(
+        "--suspend-unplumbed",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="suspend a source whose address cannot be bound for this long (0: never)",
     )
     run.add_argument(
         "--max-ready",

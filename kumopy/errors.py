@@ -14,6 +14,7 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "SMTPReplyError",
+    "SourceBindError",
     "SpoolError",
     "SpoolFullError",
     "WorkerBootError",
@@ -89,7 +90,7 @@ class PolicyError(KumoError):
 
 
 class ProtocolError(KumoError, ValueError):
-    """A ZeroMQ frame or request is malformed, too large or of an unknown version."""
+    """A frame, request or reply (ZeroMQ or SMTP) is malformed, too large or unknown."""
 
     code = "protocol_error"
 
@@ -132,6 +133,23 @@ class DeliveryError(KumoError):
         """Return a msgpack-safe description, with its transience."""
         d = super().to_dict()
         d["transient"] = self.is_transient
+        return d
+
+
+class SourceBindError(DeliveryError):
+    """The source address could not be bound (typically EADDRNOTAVAIL: not on this host)."""
+
+    code = "source_bind"
+
+    def __init__(self, message: str, address: str, errno_name: str) -> None:
+        super().__init__(message, transient=True)
+        self.address = address
+        self.errno_name = errno_name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a msgpack-safe description, with the address and errno name."""
+        d = super().to_dict()
+        d.update(address=self.address, errno_name=self.errno_name)
         return d
 
 
@@ -187,6 +205,7 @@ for _cls in (
     SpoolFullError,
     WorkerBootError,
     DeliveryError,
+    SourceBindError,
     SMTPReplyError,
 ):
     _REGISTRY[_cls.__name__] = _cls
@@ -206,6 +225,10 @@ def error_from_dict(data: dict[str, Any]) -> KumoError:
         )
     if cls is DeliveryError:
         return DeliveryError(message, bool(data.get("transient", True)))
+    if cls is SourceBindError:
+        return SourceBindError(
+            message, str(data.get("address", "")), str(data.get("errno_name", ""))
+        )
     if cls is ConfigError:
         issues = [ConfigIssue(*map(str, i)) for i in data.get("issues", [])]
         return ConfigError(issues or message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -56,9 +57,9 @@ def _ip(ns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
 
 
-@pytest.fixture(scope="module")
-def netns() -> Iterator[str]:
-    """Create a namespace with lo up and two IPv6 addresses on it; always delete it after."""
+@contextlib.contextmanager
+def namespace(*addresses: str) -> Iterator[str]:
+    """Create a namespace with lo up and `addresses` on it; always delete it after."""
     if os.geteuid() != 0:
         pytest.skip("creating a network namespace needs root")
     if shutil.which("ip") is None:
@@ -68,16 +69,21 @@ def netns() -> Iterator[str]:
     if added.returncode != 0:
         pytest.skip(f"ip netns add failed: {added.stderr.strip()}")
     try:
-        for args in (
-            ("link", "set", "lo", "up"),
-            ("-6", "addr", "add", f"{V6_A}/128", "dev", "lo", "nodad"),
-            ("-6", "addr", "add", f"{V6_B}/128", "dev", "lo", "nodad"),
-        ):
-            done = _ip(name, *args)
-            assert done.returncode == 0, (args, done.stderr)
+        done = _ip(name, "link", "set", "lo", "up")
+        assert done.returncode == 0, done.stderr
+        for addr in addresses:
+            done = _ip(name, "-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
+            assert done.returncode == 0, (addr, done.stderr)
         yield name
     finally:
         _ip(None, "netns", "del", name)
+
+
+@pytest.fixture(scope="module")
+def netns() -> Iterator[str]:
+    """A namespace with lo up and the two IPv6 source addresses on it."""
+    with namespace(V6_A, V6_B) as name:
+        yield name
 
 
 @dataclass
@@ -183,3 +189,64 @@ def test_ipv4_source_does_not_try_an_ipv6_only_host(net: Net) -> None:
     with Client(net.endpoint) as client:
         status = client.request("status")
     assert status["messages"] >= 1  # kept for a retry, not bounced
+
+
+UNPLUMB_POLICY = """
+import os
+
+@kumo.on("init")
+def init():
+    kumo.define_egress_source(name="a6", source_address="fd00:6b75::2", ehlo_domain="a6.mta.test")
+    kumo.define_egress_source(name="b6", source_address="fd00:6b75::3", ehlo_domain="b6.mta.test")
+    kumo.define_egress_pool(name="six", entries=[{"name": "a6"}, {"name": "b6"}])
+
+@kumo.on("get_queue_config")
+def qc(domain, tenant, campaign, routing_domain):
+    return kumo.make_queue_config(egress_pool="six", mx_list=[os.environ["TEST_SINK"]],
+                                  retry_interval="0.3s", max_retry_interval="0.3s")
+"""
+
+
+def test_a_source_whose_address_disappears_is_suspended_and_the_pool_carries_on(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    tmp = tmp_path_factory.mktemp("unplumb")
+    with namespace(V6_A, V6_B) as ns:
+        prefix = ["ip", "netns", "exec", ns]
+        procs: list[Proc] = []
+        try:
+            sink = start_sink(tmp / "sink", host="::1", prefix=prefix)
+            procs.append(sink)
+            coord = start_coordinator(
+                tmp / "coord",
+                policy_file(tmp / "policy.py", UNPLUMB_POLICY),
+                extra=["--suspend-unplumbed", "600"],
+                env={"TEST_SINK": f"[::1]:{sink.info['port']}"},
+                prefix=prefix,
+                listen=f"ipc://{tmp}/ingress",
+            )
+            procs.append(coord)
+            # The address goes away after the workers started (their boot check passed).
+            gone = _ip(ns, "-6", "addr", "del", f"{V6_B}/128", "dev", "lo")
+            assert gone.returncode == 0, gone.stderr
+            rcpts = set(_send(coord.info["endpoint"], 20, "six", "u-"))
+            records = SinkRecords(sink.info["record"])
+            wait_for(
+                lambda: rcpts <= {r["rcpt_to"][0] for r in records.refresh()},
+                30,
+                "all 20 messages, through the source still plumbed",
+            )
+            assert {r["peer_ip"] for r in records.records} == {V6_A}
+            with Client(coord.info["endpoint"]) as client:
+                st = client.request("status")
+            assert "cannot bind source address fd00:6b75::3" in st["sources"]["b6"]["suspended"]
+            assert st["sources"]["a6"]["suspended"] is None
+            log = read_log_records(coord.info["log_dir"])
+            failed = [r for r in log if r["type"] == "TransientFailure"]
+            assert failed and all(r["egress_source"] == "b6" for r in failed)
+            assert "cannot bind" in failed[0]["response"]["content"]
+            delivered = [r for r in log if r["type"] == "Delivery"]
+            assert {d["egress_source"] for d in delivered} == {"a6"}
+        finally:
+            for proc in reversed(procs):
+                proc.stop(timeout=30)

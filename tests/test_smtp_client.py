@@ -8,8 +8,14 @@ from typing import TypeVar
 
 import pytest
 
-from kumopy.errors import DeliveryError, InjectionError, ProtocolError, SMTPReplyError
-from kumopy.smtp.client import END_OF_DATA, SMTPClient, Timeouts, is_bind_failure
+from kumopy.errors import (
+    DeliveryError,
+    InjectionError,
+    ProtocolError,
+    SMTPReplyError,
+    SourceBindError,
+)
+from kumopy.smtp.client import END_OF_DATA, SMTPClient, Timeouts
 from kumopy.smtp.replies import Reply, ReplyReader, parse_reply
 from kumopy.smtp.wire import encode_data
 from tests.smtp_peer import AiosmtpdPeer, refusing_port, running_sink
@@ -270,12 +276,13 @@ def test_greeting_421_and_connect_failures() -> None:
         with pytest.raises(DeliveryError, match="Connection refused") as refused:
             run(lambda: connected(port, source_address="127.0.0.3"))
         assert f"127.0.0.1:{port} from 127.0.0.3" in refused.value.message
-        assert not is_bind_failure(refused.value)
+        assert not isinstance(refused.value, SourceBindError)
     with pytest.raises(
         DeliveryError, match=r"cannot bind source address 192\.0\.2\.1: Cannot assign"
     ) as bind:
         run(lambda: connected(1, source_address="192.0.2.1"))
-    assert is_bind_failure(bind.value)
+    assert isinstance(bind.value, SourceBindError)
+    assert bind.value.address == "192.0.2.1" and bind.value.errno_name == "EADDRNOTAVAIL"
 
 
 def test_banner_timeout() -> None:

@@ -46,6 +46,8 @@ class CoreSettings:
     """Override of the retry delay used for queue-level problems (tests)."""
     outcome_delay: float = 0.01
     """Outcomes are committed to the spool at most this long after they arrive (batching)."""
+    suspend_unplumbed: float = 60.0
+    """Seconds a source is suspended after its address could not be bound (0: never)."""
     max_ready: int = 1024
     """Messages picked for a source that may wait for its worker's credit (KumoMTA's
     max_ready); past it the source is not eligible and the pool's other sources take its
@@ -100,6 +102,8 @@ class QueueCore:
         # because a busy source keeps its share here instead of losing it to the others.
         self.backlog: list[deque[_Inflight]] = [deque() for _ in self.sources]
         self.worker_credit = [0] * len(self.sources)
+        self.suspended: dict[int, tuple[float, str]] = {}
+        """Source index -> (until, reason) while its address cannot be bound."""
         self.at_worker = [0] * len(self.sources)
         self._handles = itertools.count(1)
         self._jobs = itertools.count(1)
@@ -276,7 +280,7 @@ class QueueCore:
         while q.ready and n < self.settings.quantum:
             src = sel.pick()
             if src < 0:
-                if not any(self.live[s] for s in sel.sources):
+                if not any(self.live[s] and s not in self.suspended for s in sel.sources):
                     why = (
                         f"egress pool {pool} has no sources"
                         if not sel.sources
@@ -296,7 +300,35 @@ class QueueCore:
         name = self.sources[src].name
         if not self.live[src]:
             return f"{name} (down)"
+        if src in self.suspended:
+            return f"{name} (suspended: {self.suspended[src][1]})"
         return f"{name} (busy)"
+
+    def suspend(self, src: int, now: float, reason: str) -> None:
+        """Take a source out of selection for a while; its backlog picks another source."""
+        until = now + self.settings.suspend_unplumbed
+        if src not in self.suspended:
+            log.error(
+                "suspending source %s for %.0fs: %s",
+                self.sources[src].name,
+                self.settings.suspend_unplumbed,
+                reason,
+            )
+        self.suspended[src] = (until, reason)
+        self.ledger.set_suspended(src, True)
+        backlog = self.backlog[src]
+        while backlog:
+            item = backlog.pop()
+            self.ledger.release(src)
+            self._make_ready(item.queue, item.msg, front=True)
+
+    def resume_suspended(self, now: float) -> None:
+        """Put sources whose suspension has passed back into selection."""
+        for src, (until, _) in list(self.suspended.items()):
+            if now >= until:
+                del self.suspended[src]
+                self.ledger.set_suspended(src, False)
+                log.info("source %s is back in selection", self.sources[src].name)
 
     def _queue_problem(self, q: SchedQueue, now: float, why: str, enhanced: str) -> None:
         """Defer every ready message of a queue that cannot send now, with the reason."""
@@ -321,6 +353,8 @@ class QueueCore:
             self.by_source[job.source].discard(res.job_id)
             self.ledger.release(job.source)
             self.at_worker[job.source] -= 1
+            if res.extra.get("bind_failed") and self.settings.suspend_unplumbed > 0:
+                self.suspend(job.source, now, res.results[0].text if res.results else "")
             msg = job.msg
             pending: list[str] = []
             sa = res.source_address
@@ -536,6 +570,7 @@ class QueueCore:
                     "credit": self.worker_credit[i],
                     "inflight": self.at_worker[i],
                     "backlog": len(self.backlog[i]),
+                    "suspended": self.suspended[i][1] if i in self.suspended else None,
                     "delivered": self.delivered[i],
                     "live": self.live[i],
                 }

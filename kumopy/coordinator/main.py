@@ -221,6 +221,7 @@ class Coordinator:
                     last_tick = mono
                     self.arbiter.tick()
                     self.core.expire_leases(now)
+                    self.core.resume_suspended(now)
                     if mono - last_watchdog >= 1.0:
                         last_watchdog = mono
                         sdnotify.notify("WATCHDOG=1")

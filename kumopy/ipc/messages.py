@@ -172,9 +172,10 @@ def encode_results(results: Sequence[JobResult]) -> bytes:
         rcpts = [
             [x.recipient, x.status, x.code, x.enhanced_code, x.text, x.command] for x in r.results
         ]
-        rows.append(
-            [r.job_id, rcpts, r.peer_name, r.peer_addr, r.source_address, r.possible_duplicate]
-        )
+        row = [r.job_id, rcpts, r.peer_name, r.peer_addr, r.source_address, r.possible_duplicate]
+        if r.extra:
+            row.append(r.extra)
+        rows.append(row)
     return encode_header("results", results=rows)
 
 
@@ -182,7 +183,9 @@ def decode_results(header: dict[str, Any]) -> list[JobResult]:
     """Rebuild a batch of job results sent by encode_results()."""
     out = []
     try:
-        for job_id, rcpts, peer_name, peer_addr, source_address, dup in header["results"]:
+        for row in header["results"]:
+            job_id, rcpts, peer_name, peer_addr, source_address, dup, *rest = row
+            extra = rest[0] if rest and isinstance(rest[0], dict) else {}
             out.append(
                 JobResult(
                     job_id,
@@ -191,6 +194,7 @@ def decode_results(header: dict[str, Any]) -> list[JobResult]:
                     peer_addr,
                     source_address,
                     bool(dup),
+                    extra,
                 )
             )
     except (KeyError, TypeError, ValueError) as exc:

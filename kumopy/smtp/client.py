@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -12,7 +13,13 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import cast
 
-from kumopy.errors import DeliveryError, InjectionError, ProtocolError, SMTPReplyError
+from kumopy.errors import (
+    DeliveryError,
+    InjectionError,
+    ProtocolError,
+    SMTPReplyError,
+    SourceBindError,
+)
 from kumopy.smtp.replies import Reply, ReplyReader, synthesized
 from kumopy.smtp.wire import wire_address
 
@@ -21,7 +28,6 @@ __all__ = [
     "SMTPClient",
     "Timeouts",
     "TransactionResult",
-    "is_bind_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,11 +76,6 @@ class TransactionResult:
     """The reply deciding each recipient's fate (real or synthesized)."""
     possible_duplicate: bool = False
     """True when the body was sent but the reply after the final dot was not seen."""
-
-
-def is_bind_failure(exc: BaseException) -> bool:
-    """Return True when a connect() error came from binding the source address."""
-    return isinstance(exc, DeliveryError) and getattr(exc, "bind_failed", False) is True
 
 
 def _done(replies: list[Reply | None]) -> TransactionResult:
@@ -223,12 +224,11 @@ class SMTPClient:
                 try:
                     sock.bind((source_address, 0))
                 except OSError as exc:
-                    err = DeliveryError(
-                        f"cannot bind source address {source_address}: {self._explain(exc)}"
-                    )
-                    err.bind_failed = True  # type: ignore[attr-defined]
-                    err.errno = exc.errno  # type: ignore[attr-defined]
-                    raise err from exc
+                    raise SourceBindError(
+                        f"cannot bind source address {source_address}: {self._explain(exc)}",
+                        source_address,
+                        errno.errorcode.get(exc.errno or 0, "unknown"),
+                    ) from exc
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, (host_addr, port)), t.connect)
             except TimeoutError:

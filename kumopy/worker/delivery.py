@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import socket
@@ -13,8 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from kumopy.config import EgressSource
-from kumopy.errors import DeliveryError, InjectionError, SMTPReplyError
-from kumopy.smtp.client import SMTPClient, Timeouts, is_bind_failure
+from kumopy.errors import DeliveryError, InjectionError, SMTPReplyError, SourceBindError
+from kumopy.smtp.client import SMTPClient, Timeouts
 from kumopy.smtp.replies import Reply, synthesized
 from kumopy.smtp.wire import encode_data, wire_address
 from kumopy.worker.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, RecipientResult
@@ -391,11 +390,13 @@ class Deliverer:
                     addr, port, source_address=src, ehlo_domain=self._ehlo, timeouts=self._timeouts
                 )
             except DeliveryError as exc:
-                if is_bind_failure(exc):
+                if isinstance(exc, SourceBindError):
                     self._bind_failures += 1
-                    code = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "unknown")
                     log.warning("source %s: %s", self.source.name, exc.message)
-                    extra: dict[str, object] = {"bind_failed": src, "errno": code}
+                    extra: dict[str, object] = {
+                        "bind_failed": exc.address,
+                        "errno": exc.errno_name,
+                    }
                     self._fail_site(site, f"kumopy: {exc.message}", peer=cand, extra=extra)
                     return None
                 reasons.append(exc.message)
