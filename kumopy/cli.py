@@ -69,6 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             listen=args.listen,
             spool_dir=args.spool,
             log_dir=args.log_dir,
+            log_max_bytes=args.log_max_size,
             fsync=args.fsync,
             min_free_bytes=args.min_free_space,
             limits=Limits(max_message_size=args.max_message_size),
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-message-size", type=parse_size, default=DEFAULT_MAX_MESSAGE_SIZE)
     run.add_argument(
         "--credit", type=int, default=256, help="deliveries each worker may hold at once"
+    )
+    run.add_argument(
+        "--log-max-size",
+        type=parse_size,
+        default=256 * 1024**2,
+        help="start a new log segment when the current one passes this size",
     )
     run.add_argument(
         "--suspend-unplumbed",

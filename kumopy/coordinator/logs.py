@@ -37,19 +37,34 @@ def response_dict(
 
 
 class LogWriter:
-    """Append records to a per-start JSON-lines file in the log directory."""
+    """Append records to JSON-lines segments in the log directory, a new one per start and
+    whenever the current one passes `max_bytes`."""
 
-    def __init__(self, directory: str | os.PathLike[str] | None, nodeid: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None,
+        nodeid: str | None = None,
+        max_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.nodeid = nodeid or socket.gethostname()
+        self.directory = Path(directory) if directory is not None else None
+        self.max_bytes = max_bytes
         self.fh: IO[bytes] | None = None
         self.path: Path | None = None
-        if directory is not None:
-            d = Path(directory)
-            d.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            self.path = d / f"{stamp}-{os.getpid()}.jsonl"
-            self.fh = open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115
+        self._written = 0
+        self._segment = 0
         self.counts: dict[str, int] = {}
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._open()
+
+    def _open(self) -> None:
+        assert self.directory is not None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        self._segment += 1
+        self.path = self.directory / f"{stamp}-{os.getpid()}-{self._segment:04d}.jsonl"
+        self.fh = open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115
+        self._written = 0
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one record (flushed by flush())."""
@@ -58,7 +73,12 @@ class LogWriter:
         if self.fh is not None:
             record.setdefault("nodeid", self.nodeid)
             # orjson: about ten times faster than json.dumps, which showed in profiles.
-            self.fh.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+            self.fh.write(line)
+            self._written += len(line)
+            if self._written >= self.max_bytes:
+                self.fh.close()
+                self._open()
 
     def flush(self) -> None:
         """Push buffered records to the file (called before the spool forgets a message)."""

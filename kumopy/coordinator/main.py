@@ -47,6 +47,7 @@ class RunOptions:
     listen: str = DEFAULT_ENDPOINT
     spool_dir: str = "var/spool"
     log_dir: str | None = "var/log"
+    log_max_bytes: int = 256 * 1024 * 1024
     fsync: bool = True
     min_free_bytes: int = 64 * 1024 * 1024
     limits: Limits = field(default_factory=Limits)
@@ -93,7 +94,7 @@ class Coordinator:
         self.spool = SpoolStore(
             options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_bytes
         )
-        self.logs = LogWriter(options.log_dir)
+        self.logs = LogWriter(options.log_dir, max_bytes=options.log_max_bytes)
         self.core = QueueCore(policy, self.spool, self.logs, self._send_jobs, options.core)
         self.ingress_handler = Ingress(self.core, options.limits, self.status)
         self.ctx = zmq.Context()
