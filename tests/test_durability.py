@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from kumopy.client import Client, Message
+from kumopy.errors import KumoError
 from kumopy.harness import SinkRecords, wait_for
 from kumopy.inject import make_body
 from tests.conftest_procs import Cluster
@@ -314,3 +317,46 @@ def test_sigterm_drains_in_flight_deliveries(cluster, make_policy) -> None:
     assert coord.stop(timeout=30) == 0
     assert _kinds(cluster, coord).get("slow-1@dst.test") == ["Delivery"]
     assert _delivered(records)["slow-1@dst.test"] == 1
+
+
+def test_repeated_coordinator_kills_during_injection_lose_no_acknowledged_message(
+    cluster, make_policy, tmp_path: Path
+) -> None:
+    sink, records = cluster.sink()
+    policy = make_policy(POLICY)
+    workdir = tmp_path / "killed-often"
+    rng = random.Random(99)
+    acked: set[str] = set()
+    body = make_body("s@src.test", "x", 1200, 0)
+    serial = 0
+    for _round in range(3):
+        coord, _ = _boot(
+            cluster, make_policy, sink_port=sink.info["port"], workdir=workdir, policy=policy
+        )
+        killer = threading.Timer(rng.uniform(0.2, 0.6), os.kill, (coord.pid, signal.SIGKILL))
+        killer.start()
+        try:
+            with Client(coord.info["endpoint"], timeout=2) as c:
+                while coord.alive():
+                    batch = [
+                        Message("s@src.test", [f"kk{serial + i}@dst.test"], body) for i in range(50)
+                    ]
+                    serial += 50
+                    try:
+                        results = c.send_batch(batch)
+                    except KumoError:
+                        break  # no answer: the coordinator died with this batch unacknowledged
+                    acked.update(
+                        m.recipients[0] for m, r in zip(batch, results, strict=True) if r.ok
+                    )
+        finally:
+            killer.join()
+        coord.popen.wait(10)
+    assert len(acked) >= 150
+    final, _ = _boot(
+        cluster, make_policy, sink_port=sink.info["port"], workdir=workdir, policy=policy
+    )
+    wait_for(lambda: acked <= set(_delivered(records)), 120, f"all {len(acked)} acked messages")
+    assert not acked - set(_delivered(records))
+    with Client(final.info["endpoint"]) as c:
+        wait_for(lambda: c.request("status")["messages"] == 0, 30, "the spool to empty")
