@@ -17,13 +17,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from kumopy.coordinator.spool import fsync_dir
 
 
 def sqlite_wal(d: Path, batches: list[list[tuple[str, bytes]]]) -> tuple[float, float]:
@@ -58,12 +52,12 @@ def file_per_message(d: Path, batches: list[list[tuple[str, bytes]]]) -> tuple[f
             os.fsync(fd)
             os.close(fd)
             os.rename(tmp, d / i)
-        _fsync_dir(d)
+        fsync_dir(d)
     t1 = time.perf_counter()
     for batch in batches:
         for i, _ in batch:
             os.unlink(d / i)
-        _fsync_dir(d)
+        fsync_dir(d)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

@@ -17,7 +17,7 @@ import msgpack
 
 from kumopy.errors import SpoolError, SpoolFullError
 
-__all__ = ["SpoolRecord", "SpoolStore", "SpooledMeta"]
+__all__ = ["SpoolRecord", "SpoolStore", "SpooledMeta", "fsync_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class SpoolStore:
         except sqlite3.DatabaseError as exc:
             raise SpoolError(f"cannot open spool {self.path}: {exc}") from None
         if fresh and fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self._sync_mode = "FULL" if fsync else "OFF"
 
     def _sync(self, mode: str) -> None:
@@ -245,7 +245,7 @@ class SpoolStore:
         info = {"id": msg_id, "reason": reason, "env_hex": bytes(env_blob or b"").hex()}
         Path(f"{base}.json").write_text(json.dumps(info))
         if self.fsync:
-            _fsync_dir(self.quarantine_dir)
+            fsync_dir(self.quarantine_dir)
         log.error("spool entry %s is corrupt (%s); moved aside to %s.eml", msg_id, reason, base)
 
     def count(self) -> int:
@@ -259,7 +259,8 @@ class SpoolStore:
         self.db.close()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (after creating or renaming files in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
