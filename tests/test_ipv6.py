@@ -10,6 +10,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -100,19 +101,18 @@ class Net:
         return read_log_records(self.coord.info["log_dir"])
 
 
-@pytest.fixture(scope="module")
-def net(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    """Run a sink on [::1] and a coordinator inside the namespace; stop both by PID."""
-    tmp = tmp_path_factory.mktemp("ipv6")
-    prefix = ["ip", "netns", "exec", netns]
+@contextlib.contextmanager
+def running(ns: str, tmp: Path, policy: str, extra: tuple[str, ...] = ()) -> Iterator[Net]:
+    """Run a sink on [::1] and a coordinator inside namespace `ns`; stop both by PID."""
+    prefix = ["ip", "netns", "exec", ns]
     procs: list[Proc] = []
     try:
         sink = start_sink(tmp / "sink", host="::1", prefix=prefix)
         procs.append(sink)
         coord = start_coordinator(
             tmp / "coord",
-            policy_file(tmp / "policy.py", POLICY),
-            extra=["--log-level", "INFO"],
+            policy_file(tmp / "policy.py", policy),
+            extra=["--log-level", "INFO", *extra],
             env={"TEST_SINK": f"[::1]:{sink.info['port']}"},
             prefix=prefix,
             # A unix socket is a file: reachable from this namespace, unlike the other's loopback.
@@ -124,6 +124,13 @@ def net(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         # Coordinator first (it stops its workers), and everything before the namespace goes.
         for proc in reversed(procs):
             proc.stop(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def net(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    """The processes of the module's namespace."""
+    with running(netns, tmp_path_factory.mktemp("ipv6"), POLICY) as n:
+        yield n
 
 
 def _send(endpoint: str, n: int, tenant: str, prefix: str) -> list[str]:
@@ -211,42 +218,26 @@ def test_a_source_whose_address_disappears_is_suspended_and_the_pool_carries_on(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     tmp = tmp_path_factory.mktemp("unplumb")
-    with namespace(V6_A, V6_B) as ns:
-        prefix = ["ip", "netns", "exec", ns]
-        procs: list[Proc] = []
-        try:
-            sink = start_sink(tmp / "sink", host="::1", prefix=prefix)
-            procs.append(sink)
-            coord = start_coordinator(
-                tmp / "coord",
-                policy_file(tmp / "policy.py", UNPLUMB_POLICY),
-                extra=["--suspend-unplumbed", "600"],
-                env={"TEST_SINK": f"[::1]:{sink.info['port']}"},
-                prefix=prefix,
-                listen=f"ipc://{tmp}/ingress",
-            )
-            procs.append(coord)
-            # The address goes away after the workers started (their boot check passed).
-            gone = _ip(ns, "-6", "addr", "del", f"{V6_B}/128", "dev", "lo")
-            assert gone.returncode == 0, gone.stderr
-            rcpts = set(_send(coord.info["endpoint"], 20, "six", "u-"))
-            records = SinkRecords(sink.info["record"])
-            wait_for(
-                lambda: rcpts <= {r["rcpt_to"][0] for r in records.refresh()},
-                30,
-                "all 20 messages, through the source still plumbed",
-            )
-            assert {r["peer_ip"] for r in records.records} == {V6_A}
-            with Client(coord.info["endpoint"]) as client:
-                st = client.request("status")
-            assert "cannot bind source address fd00:6b75::3" in st["sources"]["b6"]["suspended"]
-            assert st["sources"]["a6"]["suspended"] is None
-            log = read_log_records(coord.info["log_dir"])
-            failed = [r for r in log if r["type"] == "TransientFailure"]
-            assert failed and all(r["egress_source"] == "b6" for r in failed)
-            assert "cannot bind" in failed[0]["response"]["content"]
-            delivered = [r for r in log if r["type"] == "Delivery"]
-            assert {d["egress_source"] for d in delivered} == {"a6"}
-        finally:
-            for proc in reversed(procs):
-                proc.stop(timeout=30)
+    with (
+        namespace(V6_A, V6_B) as ns,
+        running(ns, tmp, UNPLUMB_POLICY, ("--suspend-unplumbed", "600")) as n,
+    ):
+        # The address goes away after the workers started (their boot check passed).
+        gone = _ip(ns, "-6", "addr", "del", f"{V6_B}/128", "dev", "lo")
+        assert gone.returncode == 0, gone.stderr
+        rcpts = set(_send(n.endpoint, 20, "six", "u-"))
+        wait_for(
+            lambda: rcpts <= {r["rcpt_to"][0] for r in n.records.refresh()},
+            30,
+            "all 20 messages, through the source still plumbed",
+        )
+        assert {r["peer_ip"] for r in n.records.records} == {V6_A}
+        with Client(n.endpoint) as client:
+            st = client.request("status")
+        assert "cannot bind source address fd00:6b75::3" in st["sources"]["b6"]["suspended"]
+        assert st["sources"]["a6"]["suspended"] is None
+        failed = [r for r in n.log() if r["type"] == "TransientFailure"]
+        assert failed and all(r["egress_source"] == "b6" for r in failed)
+        assert "cannot bind" in failed[0]["response"]["content"]
+        delivered = [r for r in n.log() if r["type"] == "Delivery"]
+        assert {d["egress_source"] for d in delivered} == {"a6"}
