@@ -95,7 +95,6 @@ class QueueCore:
         self.queues: dict[str, SchedQueue] = {}
         self.active: deque[SchedQueue] = deque()
         self._active_set: set[str] = set()
-        self._qcfg_cache: dict[tuple[str, str | None, str | None], SchedQueue] = {}
         self.inflight: dict[int, _Inflight] = {}
         self.by_source: list[set[int]] = [set() for _ in self.sources]
         # Picked for a source, waiting for its worker's credit: the weights hold under load
@@ -119,17 +118,12 @@ class QueueCore:
     # -- queues ------------------------------------------------------------------------------
     def queue_for(self, domain: str, tenant: str | None, campaign: str | None) -> SchedQueue:
         """Return (creating and configuring on first use) the scheduled queue for a message."""
-        key = (domain, tenant, campaign)
-        q = self._qcfg_cache.get(key)
-        if q is not None:
-            return q
         name = queue_name(domain, tenant, campaign)
         q = self.queues.get(name)
         if q is None:
-            q = SchedQueue(name, key, None)
+            q = SchedQueue(name, (domain, tenant, campaign), None)
             self._configure(q)
             self.queues[name] = q
-        self._qcfg_cache[key] = q
         return q
 
     def _configure(self, q: SchedQueue) -> None:
@@ -140,7 +134,7 @@ class QueueCore:
             log.error("queue %s: %s", q.name, q.error)
 
     def _build_selectors(self) -> None:
-        old = getattr(self, "picks", {})
+        old = self.picks
         self.selectors = {}
         for pool in self.policy.config.pools.values():
             idx = [self.source_index[e.name] for e in pool.entries]
@@ -214,13 +208,10 @@ class QueueCore:
             q = self.active[0]
             self.active.rotate(-1)
             moved += self._dispatch_queue(q, now)
-        while self.active and not self.active[0].ready:
-            self._active_set.discard(self.active.popleft().name)
         # Drop emptied queues from the rotation wherever they sit.
-        if len(self._active_set) != sum(1 for q in self.active if q.ready):
-            keep = deque(q for q in self.active if q.ready)
-            self._active_set = {q.name for q in keep}
-            self.active = keep
+        if any(not q.ready for q in self.active):
+            self.active = deque(q for q in self.active if q.ready)
+            self._active_set = {q.name for q in self.active}
         return moved + self._feed_workers(now)
 
     def _feed_workers(self, now: float) -> int:
