@@ -14,6 +14,7 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "SMTPReplyError",
+    "ShuttingDownError",
     "SourceBindError",
     "SpoolError",
     "SpoolFullError",
@@ -114,6 +115,13 @@ class SpoolFullError(SpoolError):
     code = "spool_full"
 
 
+class ShuttingDownError(KumoError):
+    """The coordinator is stopping and takes no new messages; try again after it restarts."""
+
+    code = "shutting_down"
+    transient = True
+
+
 class WorkerBootError(KumoError):
     """A worker could not start (for example its source address cannot be bound)."""
 
@@ -203,6 +211,7 @@ for _cls in (
     InjectionError,
     SpoolError,
     SpoolFullError,
+    ShuttingDownError,
     WorkerBootError,
     DeliveryError,
     SourceBindError,

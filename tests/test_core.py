@@ -155,3 +155,14 @@ def test_retry_delay_doubles_is_capped_and_jittered() -> None:
 )
 def test_queue_names(args: tuple[str, str | None, str | None], name: str) -> None:
     assert queue_name(*args) == name
+
+
+def test_ingress_refuses_transiently_while_stopping_and_keeps_nothing(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.ingress.refusing = "coordinator is shutting down; try again later"
+    msgs = [{"sender": "s@x.test", "recipients": ["r@y.test"], "data": b"hi\r\n"}]
+    (reply,) = h.ingress.handle_batch([[b"peer", encode_header("inject", req=9, messages=msgs)]])
+    header = decode_header(reply[1])
+    assert header["ok"] is False and header["req"] == 9
+    assert header["error"]["code"] == "shutting_down" and header["error"]["transient"] is True
+    assert h.spool.count() == 0 and not h.core.msgs

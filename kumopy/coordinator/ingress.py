@@ -11,7 +11,13 @@ from typing import Any
 from kumopy.coordinator.core import QueueCore, new_msg_id
 from kumopy.coordinator.queues import Msg
 from kumopy.coordinator.spool import SpooledMeta
-from kumopy.errors import InjectionError, KumoError, ProtocolError, SpoolError
+from kumopy.errors import (
+    InjectionError,
+    KumoError,
+    ProtocolError,
+    ShuttingDownError,
+    SpoolError,
+)
 from kumopy.ipc.framing import decode_header, error_reply, ok_reply
 from kumopy.ipc.messages import InboundMessage, Limits, parse_inject
 from kumopy.smtp.wire import domain_of
@@ -79,7 +85,7 @@ class Ingress:
                 if kind != "inject":
                     raise ProtocolError(f"unknown request kind {kind!r}")
                 if self.refusing:
-                    raise SpoolError(self.refusing)
+                    raise ShuttingDownError(self.refusing)
                 parsed = parse_inject(header, body, self.limits)
             except KumoError as exc:
                 self.rejected += 1
