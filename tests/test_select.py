@@ -313,3 +313,28 @@ def test_twin_agrees_with_specification(fast_impl: FastImpl) -> None:
                 mine.reset()
                 spec.reset()
     assert steps > 100_000
+
+
+@pytest.mark.parametrize("scale", [40_000, 1 << 20])
+def test_large_pools_with_large_weights_agree_with_specification(
+    fast_impl: FastImpl, scale: int
+) -> None:
+    # Weight sums past the replay limit and pools of 32+ sources take the compiled twin's
+    # 32-bit batch path; weights of 2**20 x 40 sources are too large for it and must fall back.
+    rng = random.Random(scale)
+    size = 48
+    masks = (fast_impl.SourceMask(size), _select_py.SourceMask(size))
+    srcs = list(range(size))
+    wts = [scale + rng.randint(0, 9) for _ in srcs]
+    mine = fast_impl.SmoothSelector(srcs, wts, masks[0])
+    spec = _select_py.SmoothSelector(srcs, wts, masks[1])
+    for round_ in range(12):
+        if round_ % 3 == 2:
+            index, flag = rng.randrange(size), rng.random() < 0.6
+            for m in masks:
+                m.set(index, flag)
+        k = rng.randint(1, 700)
+        bufs = array.array("i", [0] * k), array.array("i", [0] * k)
+        assert mine.pick_into(bufs[0], k) == spec.pick_into(bufs[1], k) == k
+        assert bufs[0] == bufs[1]
+        assert mine.pick() == spec.pick()
