@@ -75,6 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             limits=Limits(max_message_size=args.max_message_size),
             credit=args.credit,
             drain_timeout=args.drain_timeout,
+            heartbeat_timeout=args.heartbeat_timeout,
             allow_remote=args.allow_remote_ingress,
             core=CoreSettings(
                 problem_retry=args.problem_retry,
@@ -178,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="messages picked for a source that may wait for its worker's credit",
+    )
+    run.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="terminate and restart a worker silent this long (it beats every second)",
     )
     run.add_argument(
         "--drain-timeout",

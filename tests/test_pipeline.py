@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import random
 import signal
@@ -368,3 +369,31 @@ def test_random_malformed_requests_never_stop_the_coordinator(cluster, make_poli
         30,
         "the message after the fuzzing",
     )
+
+
+def test_a_hung_worker_is_terminated_and_restarted(cluster, make_policy) -> None:
+    endpoint, _coord, records = _start(cluster, make_policy, extra=("--heartbeat-timeout", "2.5"))
+    with Client(endpoint) as client:
+        victim = client.request("status")["workers"]["b"]
+    os.kill(victim, signal.SIGSTOP)  # alive but silent: only the missing heartbeat tells
+    try:
+
+        def replaced() -> bool:
+            with Client(endpoint) as client:
+                st = client.request("status")
+            return st["workers"]["b"] not in (None, victim) and st["sources"]["b"]["credit"] > 0
+
+        wait_for(replaced, 30, "the hung worker to be replaced")
+    finally:
+        # SIGCONT lets a SIGTERM still pending on a stopped process take effect, if any.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(victim, 0)
+        raise AssertionError(f"hung worker {victim} still exists")
+    more = set(_send(endpoint, 30, "one", "h-"))
+    wait_for(lambda: more <= {r["rcpt_to"][0] for r in records.refresh()}, 30, "30 more")
+    assert Counter(r["peer_ip"] for r in records.records if r["rcpt_to"][0] in more) == {
+        "127.0.0.2": 10,
+        "127.0.0.3": 20,
+    }

@@ -60,7 +60,11 @@ class Arbiter:
         on_exit: Callable[[WorkerSlot, str], None],
         worker_args: Sequence[str] = (),
         backoff: tuple[float, float] = (0.1, 10.0),
+        stale_after: float = HEARTBEAT_STALE,
+        kill_grace: float = KILL_GRACE,
     ) -> None:
+        self.stale_after = stale_after
+        self.kill_grace = kill_grace
         self.endpoint = endpoint
         self.slots = [WorkerSlot(i, s) for i, s in enumerate(sources)]
         self.by_pid: dict[int, WorkerSlot] = {}
@@ -166,9 +170,9 @@ class Arbiter:
                     self.spawn(slot)
                 continue
             if slot.term_sent is not None:
-                if now - slot.term_sent > KILL_GRACE:
+                if now - slot.term_sent > self.kill_grace:
                     self._kill(slot, signal.SIGKILL)
-            elif not self.stopping and now - slot.last_seen > HEARTBEAT_STALE:
+            elif not self.stopping and now - slot.last_seen > self.stale_after:
                 log.error(
                     "worker for %s sent nothing for %.0fs; terminating it",
                     slot.source.name,

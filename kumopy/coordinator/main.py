@@ -53,6 +53,8 @@ class RunOptions:
     limits: Limits = field(default_factory=Limits)
     credit: int = 256
     drain_timeout: float = 30.0
+    heartbeat_timeout: float = 15.0
+    """A worker silent this long is terminated (SIGTERM, then SIGKILL) and restarted."""
     allow_remote: bool = False
     core: CoreSettings = field(default_factory=CoreSettings)
     worker_args: list[str] = field(default_factory=list)
@@ -108,7 +110,14 @@ class Coordinator:
         self.ingress.bind(options.listen)
         self.endpoint = self.ingress.getsockopt_string(zmq.LAST_ENDPOINT)
         args = ["--credit", str(options.credit), *options.worker_args]
-        self.arbiter = Arbiter(self.core.sources, self.worker_endpoint, self._worker_exited, args)
+        self.arbiter = Arbiter(
+            self.core.sources,
+            self.worker_endpoint,
+            self._worker_exited,
+            args,
+            stale_after=options.heartbeat_timeout,
+            kill_grace=options.heartbeat_timeout / 3,
+        )
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
