@@ -82,7 +82,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 max_ready=args.max_ready,
                 suspend_unplumbed=args.suspend_unplumbed,
             ),
-            worker_args=["--log-level", args.log_level],
+            worker_args=[
+                "--log-level",
+                args.log_level,
+                "--timeouts",
+                json.dumps(parse_timeouts(args.smtp_timeout)),
+            ],
             ready_file=args.ready_file,
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
         )
@@ -99,11 +104,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return coordinator.run()
 
 
+def parse_timeouts(items: Sequence[str]) -> dict[str, float]:
+    """Parse --smtp-timeout STEP=DURATION items into validated SMTP timeouts."""
+    from dataclasses import fields
+
+    from kumopy.config import parse_duration
+    from kumopy.smtp.client import Timeouts
+
+    steps = sorted(f.name for f in fields(Timeouts))
+    out: dict[str, float] = {}
+    for item in items:
+        step, sep, value = item.partition("=")
+        if not sep or step not in steps:
+            raise ValueError(f"--smtp-timeout {item!r}: use STEP=SECONDS, STEP one of {steps}")
+        out[step] = parse_duration(value, where=f"--smtp-timeout {step}")
+    Timeouts(**out)  # checks each is positive
+    return out
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from kumopy.smtp.client import Timeouts
     from kumopy.worker.main import run_worker
 
     _setup_logging(args.log_level)
-    return run_worker(args.source_def, args.endpoint, args.credit, args.parent_pid)
+    options = {"timeouts": Timeouts(**json.loads(args.timeouts))}
+    return run_worker(args.source_def, args.endpoint, args.credit, args.parent_pid, options)
 
 
 def _cmd_check_config(argv: list[str]) -> int:
@@ -181,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages picked for a source that may wait for its worker's credit",
     )
     run.add_argument(
+        "--smtp-timeout",
+        action="append",
+        default=[],
+        metavar="STEP=DURATION",
+        help="override one SMTP timeout (connect, banner, ehlo, mail_from, rcpt_to, data, "
+        "data_dot, idle), e.g. data_dot=10m; repeatable",
+    )
+    run.add_argument(
         "--heartbeat-timeout",
         type=float,
         default=15.0,
@@ -214,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--credit", type=int, default=256)
     w.add_argument("--parent-pid", type=int, required=True)
     w.add_argument("--log-level", default="INFO")
+    w.add_argument("--timeouts", default="{}", help="SMTP timeouts as JSON (validated)")
     w.set_defaults(func=_cmd_worker)
 
     st = sub.add_parser("status", help="print the coordinator's counters as JSON")

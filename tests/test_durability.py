@@ -360,3 +360,25 @@ def test_repeated_coordinator_kills_during_injection_lose_no_acknowledged_messag
     assert not acked - set(_delivered(records))
     with Client(final.info["endpoint"]) as c:
         wait_for(lambda: c.request("status")["messages"] == 0, 30, "the spool to empty")
+
+
+def test_a_timeout_after_the_final_dot_is_transient_and_flagged_as_a_possible_duplicate(
+    cluster, make_policy
+) -> None:
+    # The sink answers slow- recipients 2 s after the dot; the worker waits 0.5 s.
+    env = {"TEST_RETRY": "3600", "TEST_MAX_AGE": "86400"}
+    coord, records = _boot(cluster, make_policy, env=env, extra=("--smtp-timeout", "data_dot=0.5"))
+    assert records is not None
+    with Client(coord.info["endpoint"]) as c:
+        assert c.send("s@src.test", "slow-dup@dst.test", b"Subject: d\r\n\r\nx\r\n").ok
+    rec = wait_for(
+        lambda: next((r for r in cluster.records(coord) if r["type"] == "TransientFailure"), None),
+        30,
+        "the TransientFailure record",
+    )
+    assert rec["recipient"] == "slow-dup@dst.test" and rec["possible_duplicate"] is True
+    assert rec["response"]["code"] == 451
+    # The peer did take the message: exactly the duplicate window the flag warns about.
+    wait_for(lambda: _delivered(records)["slow-dup@dst.test"] == 1, 30, "the sink's copy")
+    with Client(coord.info["endpoint"]) as c:
+        assert c.request("status")["messages"] == 1  # kept for its retry
