@@ -14,6 +14,7 @@ from kumopy.coordinator.ingress import Ingress
 from kumopy.coordinator.logs import LogWriter
 from kumopy.coordinator.queues import next_retry_delay, queue_name
 from kumopy.coordinator.spool import SpoolStore
+from kumopy.errors import SpoolError
 from kumopy.ipc.framing import decode_header, encode_header
 from kumopy.ipc.messages import Limits
 from kumopy.policy import load_policy
@@ -166,3 +167,30 @@ def test_ingress_refuses_transiently_while_stopping_and_keeps_nothing(tmp_path: 
     assert header["ok"] is False and header["req"] == 9
     assert header["error"]["code"] == "shutting_down" and header["error"]["transient"] is True
     assert h.spool.count() == 0 and not h.core.msgs
+
+
+def test_outcomes_that_cannot_be_recorded_are_kept_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness(tmp_path)
+    h.core.worker_ready(h.a, 10)
+    h.core.worker_ready(h.b, 10)
+    h.inject(4)
+    h.pump()
+    real = h.spool.apply_outcomes
+    calls: list[int] = []
+
+    def failing(deletes: list[str], reschedules: list[object]) -> None:
+        calls.append(len(deletes))
+        raise SpoolError("disk I/O error")
+
+    monkeypatch.setattr(h.spool, "apply_outcomes", failing)
+    h.deliver(h.a)
+    h.deliver(h.b)
+    h.core.commit_outcomes(force=True)
+    assert calls == [4] and h.core.outcomes_pending()
+    h.core.commit_outcomes()  # within the back-off: not tried again
+    assert calls == [4]
+    monkeypatch.setattr(h.spool, "apply_outcomes", real)
+    h.core.commit_outcomes(force=True)
+    assert not h.core.outcomes_pending() and h.spool.count() == 0

@@ -16,7 +16,7 @@ from kumopy.config import QueueConfig
 from kumopy.coordinator.logs import LogWriter, response_dict
 from kumopy.coordinator.queues import Msg, SchedQueue, next_retry_delay, queue_name, site_for
 from kumopy.coordinator.spool import SpooledMeta, SpoolStore
-from kumopy.errors import PolicyError
+from kumopy.errors import PolicyError, SpoolError
 from kumopy.policy import Policy
 from kumopy.worker.jobs import DELIVERED, PERMANENT, Job, JobResult
 
@@ -113,6 +113,7 @@ class QueueCore:
         self.recovered = 0
         self._deletes: list[str] = []
         self._last_commit = 0.0
+        self._retry_commit_at = 0.0
         self._reschedules: list[tuple[str, SpooledMeta, float, int]] = []
 
     # -- queues ------------------------------------------------------------------------------
@@ -225,7 +226,12 @@ class QueueCore:
             while backlog and len(jobs) < room:
                 item = backlog.popleft()
                 msg = item.msg
-                data = msg.data if msg.data is not None else self.spool.load_data(msg.msg_id)
+                try:
+                    data = msg.data if msg.data is not None else self.spool.load_data(msg.msg_id)
+                except SpoolError as exc:
+                    log.error("%s; trying again later", exc.message)
+                    backlog.appendleft(item)
+                    break
                 if data is None:
                     log.error("message %s vanished from the spool; forgetting it", msg.msg_id)
                     self.msgs.pop(msg.handle, None)
@@ -483,13 +489,23 @@ class QueueCore:
             return
         now = time.monotonic()
         pending = len(self._deletes) + len(self._reschedules)
-        if not force and pending < 2000 and now - self._last_commit < self.settings.outcome_delay:
+        if not force and (
+            now < self._retry_commit_at
+            or (pending < 2000 and now - self._last_commit < self.settings.outcome_delay)
+        ):
             return
         self._last_commit = now
         self.logs.flush()
         deletes, self._deletes = self._deletes, []
         reschedules, self._reschedules = self._reschedules, []
-        self.spool.apply_outcomes(deletes, reschedules)
+        try:
+            self.spool.apply_outcomes(deletes, reschedules)
+        except SpoolError as exc:
+            # Keep them for the next try: until recorded, a crash would only resend them.
+            self._deletes = deletes + self._deletes
+            self._reschedules = reschedules + self._reschedules
+            self._retry_commit_at = now + 1.0
+            log.error("cannot record %d outcomes in the spool, retrying: %s", pending, exc)
 
     # -- workers -----------------------------------------------------------------------------
     def worker_ready(self, src: int, credit: int) -> None:

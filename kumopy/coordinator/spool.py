@@ -197,7 +197,10 @@ class SpoolStore:
     # -- reads -------------------------------------------------------------------------------
     def load_data(self, msg_id: str) -> bytes | None:
         """Return a message body, or None when the message is gone."""
-        row = self.db.execute("SELECT data FROM msg WHERE id = ?", (msg_id,)).fetchone()
+        try:
+            row = self.db.execute("SELECT data FROM msg WHERE id = ?", (msg_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read message {msg_id} from the spool: {exc}") from None
         return None if row is None else bytes(row[0])
 
     def lookup_client_ids(self, client_ids: Sequence[str]) -> dict[str, str]:
