@@ -30,6 +30,7 @@ from kumopy.ipc.framing import decode_header, encode_header, error_reply
 from kumopy.ipc.messages import Limits, decode_results, encode_jobs
 from kumopy.metrics import MetricsExporter
 from kumopy.policy import Policy, load_policy
+from kumopy.smtp.wire import domain_of
 from kumopy.worker.jobs import Job
 
 __all__ = ["DEFAULT_ENDPOINT", "Coordinator", "RunOptions", "check_listen_endpoint"]
@@ -183,10 +184,10 @@ class Coordinator:
         n = 0
         for rec in self.spool.recover():
             env = rec.env
-            domain = env.queue.rsplit("@", 1)[-1].split(":")[-1]
-            tenant = env.meta.get("tenant")
-            campaign = env.meta.get("campaign")
-            q = self.core.queue_for(domain, tenant, campaign)
+            # All recipients of a spooled message share its domain (ingress splits by domain).
+            q = self.core.queue_for(
+                domain_of(env.recipients[0]), env.meta.get("tenant"), env.meta.get("campaign")
+            )
             env.queue = q.name
             msg = Msg(self.core.new_handle(), rec.msg_id, env, rec.size, rec.attempts, rec.due)
             self.core.add(msg, now)

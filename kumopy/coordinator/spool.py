@@ -60,6 +60,8 @@ class SpooledMeta:
     def unpack(cls, blob: bytes) -> SpooledMeta:
         """Read back what pack() wrote."""
         sender, rcpts, meta, queue, created = msgpack.unpackb(blob, raw=False)
+        if not rcpts:
+            raise ValueError("envelope has no recipients")
         return cls(str(sender), [str(r) for r in rcpts], dict(meta), str(queue), float(created))
 
 
