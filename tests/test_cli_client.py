@@ -237,3 +237,31 @@ def test_every_public_module_declares_all(module: str) -> None:
     assert isinstance(names, list | tuple), f"{module} has no __all__"
     for name in names:
         assert hasattr(mod, name), f"{module}.__all__ names missing {name!r}"
+
+
+def test_systemd_notifications(cluster, make_policy, tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    try:
+        sink, _records = cluster.sink()
+        coord = cluster.coordinator(
+            make_policy(POLICY),
+            env={"TEST_SINK": f"127.0.0.1:{sink.info['port']}", "NOTIFY_SOCKET": str(path)},
+        )
+        seen: list[str] = []
+
+        def until(state: str) -> None:
+            while state not in seen:
+                seen.append(sock.recv(4096).decode())
+
+        until("READY=1")  # sent once every worker said Ready
+        until("WATCHDOG=1")
+        assert coord.stop() == 0
+        until("STOPPING=1")
+        assert seen.index("READY=1") < seen.index("STOPPING=1")
+    finally:
+        sock.close()
