@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import uvloop
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import Envelope, Session
 
+from kumopy.harness import wait_for
 from kumopy.smtp.sink import Sink, SinkOptions, record_from_json
 from kumopy.worker.jobs import JobResult
 
@@ -38,11 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def poll(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> None:
     """Wait until predicate() is true, polling; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+    wait_for(predicate, timeout, "the condition", interval)
 
 
 @contextlib.contextmanager
