@@ -194,3 +194,41 @@ def test_outcomes_that_cannot_be_recorded_are_kept_and_retried(
     monkeypatch.setattr(h.spool, "apply_outcomes", real)
     h.core.commit_outcomes(force=True)
     assert not h.core.outcomes_pending() and h.spool.count() == 0
+
+
+def test_a_job_past_its_lease_goes_to_another_attempt(tmp_path: Path) -> None:
+    h = Harness(tmp_path, lease=60.0)
+    h.core.worker_ready(h.a, 10)
+    h.core.worker_ready(h.b, 10)
+    h.inject(4)
+    h.pump()
+    stale = list(h.sent[h.a]) + list(h.sent[h.b])
+    assert len(stale) == 4 and h.core.expire_leases(59.0) == 0
+    assert h.core.expire_leases(61.0) == 4 and h.core.requeued == 4
+    h.sent = {0: [], 1: [], 2: []}
+    h.pump()
+    assert sum(len(v) for v in h.sent.values()) == 4  # sent again, with new job ids
+    # A late answer to the expired job is ignored; the new attempt's answer counts.
+    late = [
+        JobResult(
+            j.job_id, [RecipientResult(r, DELIVERED, 250, None, "ok", ".") for r in j.recipients]
+        )
+        for j in stale
+    ]
+    h.core.handle_results(h.a, late, 0.0)
+    assert h.core.delivered == [0, 0, 0]
+    h.deliver(h.a)
+    h.deliver(h.b)
+    assert sum(h.core.delivered) == 4 and not h.core.inflight
+
+
+def test_bodies_past_the_cache_budget_are_read_back_from_the_spool(tmp_path: Path) -> None:
+    h = Harness(tmp_path, body_cache_bytes=10)  # room for two 4-byte bodies
+    h.core.worker_ready(h.a, 10)
+    h.core.worker_ready(h.b, 10)
+    h.inject(5)
+    assert h.core.cached_bytes == 8
+    assert sum(m.data is None for m in h.core.msgs.values()) == 3
+    h.pump()
+    jobs = [j for v in h.sent.values() for j in v]
+    assert len(jobs) == 5 and all(bytes(j.data) == b"hi\r\n" for j in jobs)
