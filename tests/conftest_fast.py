@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -32,13 +33,23 @@ class FastImpl:
     """The twin's DueQueue class."""
     Ledger: type[_queue_py.Ledger]
     """The twin's Ledger class."""
+    encode_data: Callable[[bytes | memoryview], bytes]
+    """The twin's DATA encoder."""
 
 
 def _load(name: str) -> FastImpl:
     # Import the twin's modules directly, bypassing the selector in kumopy._fast.
     select = importlib.import_module(f"kumopy._fast._select_{name}")
     queue = importlib.import_module(f"kumopy._fast._queue_{name}")
-    return FastImpl(name, select.SourceMask, select.SmoothSelector, queue.DueQueue, queue.Ledger)
+    wire = importlib.import_module(f"kumopy._fast._wire_{name}")
+    return FastImpl(
+        name,
+        select.SourceMask,
+        select.SmoothSelector,
+        queue.DueQueue,
+        queue.Ledger,
+        wire.encode_data,
+    )
 
 
 @pytest.fixture(scope="session", params=["c", "py"], ids=["c", "py"])

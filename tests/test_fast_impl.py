@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import kumopy._fast
-from kumopy._fast import _queue_py, _select_py
+from kumopy._fast import _queue_py, _select_py, _wire_py
 from tests.conftest_fast import FastImpl, no_extensions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,8 +19,10 @@ MODULES = [
     "kumopy._fast",
     "kumopy._fast._select_py",
     "kumopy._fast._queue_py",
+    "kumopy._fast._wire_py",
     "kumopy._fast._select_c",
     "kumopy._fast._queue_c",
+    "kumopy._fast._wire_c",
 ]
 
 
@@ -45,6 +47,7 @@ def test_default_build_is_compiled() -> None:
         assert kumopy._fast.IMPLEMENTATION == "c", "kumopy._fast fell back to pure Python"
         assert kumopy._fast.SmoothSelector.__module__ == "kumopy._fast._select_c"
         assert kumopy._fast.DueQueue.__module__ == "kumopy._fast._queue_c"
+        assert kumopy._fast.encode_data.__module__ == "kumopy._fast._wire_c"
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1", "py"), ("yes", "py"), ("0", "c"), ("", "c")])
@@ -90,4 +93,8 @@ def test_twins_mirror_each_other(fast_impl: FastImpl) -> None:
             assert inspect.getdoc(getattr(twin, attr)) == inspect.getdoc(getattr(spec, attr)), (
                 f"{name}.{attr}"
             )
-    assert set(_select_py.__all__) | set(_queue_py.__all__) < set(kumopy._fast.__all__)
+    assert inspect.getdoc(fast_impl.encode_data) == inspect.getdoc(_wire_py.encode_data)
+    assert fast_impl.encode_data.__name__ == "encode_data"
+    assert set(_select_py.__all__) | set(_queue_py.__all__) | set(_wire_py.__all__) < set(
+        kumopy._fast.__all__
+    )

@@ -16,6 +16,7 @@ from kumopy.smtp.wire import (
     validate_address,
     wire_address,
 )
+from tests.conftest_fast import FastImpl, no_extensions
 
 
 @pytest.mark.parametrize(
@@ -39,14 +40,14 @@ from kumopy.smtp.wire import (
         (b"x.y\r\nz.\r\n", b"x.y\r\nz.\r\n.\r\n"),
     ],
 )
-def test_encode_data_exact(message: bytes, wire: bytes) -> None:
-    assert encode_data(message) == wire
-    assert encode_data(memoryview(message)) == wire
+def test_encode_data_exact(message: bytes, wire: bytes, fast_impl: FastImpl) -> None:
+    assert fast_impl.encode_data(message) == wire
+    assert fast_impl.encode_data(memoryview(message)) == wire
 
 
-def test_encode_data_clean_body_is_unchanged_apart_from_terminator() -> None:
+def test_encode_data_clean_body_is_unchanged_apart_from_terminator(fast_impl: FastImpl) -> None:
     body = b"Subject: x\r\n\r\n" + b"line of text\r\n" * 1000
-    assert encode_data(body) == body + b".\r\n"
+    assert fast_impl.encode_data(body) == body + b".\r\n"
 
 
 def _oracle_normalise(data: bytes) -> bytes:
@@ -75,12 +76,12 @@ def _oracle_unstuff(wire: bytes) -> bytes:
     return b"".join(line + b"\r\n" for line in body)
 
 
-def test_encode_data_property_random_bytes() -> None:
+def test_encode_data_property_random_bytes(fast_impl: FastImpl) -> None:
     rng = random.Random(20240511)
     alphabet = [b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"\x00", b"\xff"]
     for _ in range(3000):
         message = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
-        wire = encode_data(message)
+        wire = fast_impl.encode_data(message)
         # No CR or LF outside a CRLF pair.
         assert b"\r" not in wire.replace(b"\r\n", b"") and b"\n" not in wire.replace(b"\r\n", b"")
         # The end-of-data line appears exactly once, at the very end.
@@ -90,9 +91,9 @@ def test_encode_data_property_random_bytes() -> None:
         assert decode_data(wire) == _oracle_normalise(message)
 
 
-def test_encode_data_large_body_with_bare_lf() -> None:
+def test_encode_data_large_body_with_bare_lf(fast_impl: FastImpl) -> None:
     body = b"line\n.dot\n" * 200_000  # 2 MB
-    wire = encode_data(body)
+    wire = fast_impl.encode_data(body)
     assert wire.count(b"\r\n..dot\r\n") == 200_000
     assert len(wire) == len(body) + 200_000 * 3 + 3
 
@@ -104,7 +105,7 @@ def test_decode_data_rejects_unterminated_payload() -> None:
         decode_data(b"abc.\r\n")
 
 
-def test_encode_data_benchmark(benchmark: BenchmarkFixture) -> None:
+def test_encode_data_benchmark(benchmark: BenchmarkFixture, fast_impl: FastImpl) -> None:
     body = (b"x" * 76 + b"\n.dot\n") * 10_000  # about 800 KB with bare LFs and dots
     wire = benchmark(encode_data, body)
     assert wire.endswith(b"\r\n.\r\n")
@@ -180,3 +181,21 @@ def test_wire_address_checks_only_what_breaks_the_command() -> None:
             wire_address(bad)
     with pytest.raises(InjectionError, match="SMTPUTF8"):
         wire_address("ü@y", where="sender")
+
+
+def test_encode_data_twins_agree_on_random_bytes() -> None:
+    from kumopy._fast import _wire_py
+
+    twins = [_wire_py.encode_data]
+    if not no_extensions():
+        from kumopy._fast import _wire_c
+
+        twins.append(_wire_c.encode_data)
+    rng = random.Random(77)
+    alphabet = [b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"\x00", b"\xff", b"xyz" * 30]
+    for _ in range(5000):
+        message = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        wire = _wire_py.encode_data(message)
+        for twin in twins:
+            assert twin(message) == wire and twin(memoryview(message)) == wire
+    assert encode_data is twins[-1]  # kumopy.smtp.wire uses the compiled twin when built

@@ -1,37 +1,21 @@
-"""SMTP wire encoding: the DATA payload and envelope address checks."""
+"""SMTP wire encoding: the DATA payload and envelope address checks.
+
+`encode_data` is the hot one; it comes from kumopy._fast (Cython, with its Python twin).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import re
 
+from kumopy._fast import encode_data
 from kumopy.errors import InjectionError
 
 __all__ = ["decode_data", "domain_of", "encode_data", "validate_address", "wire_address"]
 
-_EOL = re.compile(rb"\r\n|\r|\n")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f<>]")
 _TERMINATOR = b".\r\n"
-
-
-def encode_data(data: bytes | memoryview) -> bytes:
-    """Return the DATA payload as sent: CRLF line endings, dot-stuffed, ending with CRLF.CRLF."""
-    body = bytes(data)
-    if not body:
-        # The CRLF that ends the DATA command line is the first half of the terminator.
-        return _TERMINATOR
-    crlf = body.count(b"\r\n")
-    # Counting is a C-speed scan; the regex only runs when a lone CR or LF exists.
-    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-        body = _EOL.sub(b"\r\n", body)
-    if b"\r\n." in body:
-        body = body.replace(b"\r\n.", b"\r\n..")
-    if body[:1] == b".":
-        body = b"." + body
-    if body[-2:] != b"\r\n":
-        return body + b"\r\n" + _TERMINATOR
-    return body + _TERMINATOR
 
 
 def decode_data(payload: bytes) -> bytes:
