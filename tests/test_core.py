@@ -54,9 +54,9 @@ class Harness:
         self.a = self.core.source_index["a"]
         self.b = self.core.source_index["b"]
 
-    def inject(self, n: int) -> None:
+    def inject(self, n: int, domain: str = "y.test") -> None:
         msgs = [
-            {"sender": "s@x.test", "recipients": [f"r{i}@y.test"], "data": b"hi\r\n"}
+            {"sender": "s@x.test", "recipients": [f"r{i}@{domain}"], "data": b"hi\r\n"}
             for i in range(n)
         ]
         replies = self.ingress.handle_batch(
@@ -232,3 +232,17 @@ def test_bodies_past_the_cache_budget_are_read_back_from_the_spool(tmp_path: Pat
     h.pump()
     jobs = [j for v in h.sent.values() for j in v]
     assert len(jobs) == 5 and all(bytes(j.data) == b"hi\r\n" for j in jobs)
+
+
+def test_a_small_queue_is_not_buried_behind_a_bulk_one(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_ready=50)
+    h.core.worker_ready(h.a, 10)
+    h.core.worker_ready(h.b, 10)
+    h.inject(5000, "bulk.test")
+    h.inject(5, "small.test")
+    h.core.dispatch(0.0)  # one turn: each queue gets at most a quantum
+    sent = [r for jobs in h.sent.values() for j in jobs for r in j.recipients]
+    waiting = [i.msg.env.recipients[0] for b in h.core.backlog for i in b]
+    small = [r for r in sent + waiting if r.endswith("@small.test")]
+    assert len(small) == 5  # all picked in the first turn, though 5000 bulk came first
+    assert len(h.core.queues["bulk.test"].ready) == 5000 - 32
