@@ -87,6 +87,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 args.log_level,
                 "--timeouts",
                 json.dumps(parse_timeouts(args.smtp_timeout)),
+                "--shaping",
+                json.dumps(parse_shaping(args)),
             ],
             ready_file=args.ready_file,
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
@@ -122,12 +124,27 @@ def parse_timeouts(items: Sequence[str]) -> dict[str, float]:
     return out
 
 
+_SHAPING = ("connection_limit", "max_deliveries_per_connection", "max_recipients_per_batch")
+
+
+def parse_shaping(args: argparse.Namespace) -> dict[str, int]:
+    """Check the per-source connection shaping options; return them for the workers."""
+    out = {}
+    for name in _SHAPING:
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        out[name] = value
+    return out
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from kumopy.smtp.client import Timeouts
     from kumopy.worker.main import run_worker
 
     _setup_logging(args.log_level)
-    options = {"timeouts": Timeouts(**json.loads(args.timeouts))}
+    options: dict[str, object] = {"timeouts": Timeouts(**json.loads(args.timeouts))}
+    options.update({k: int(v) for k, v in json.loads(args.shaping).items() if k in _SHAPING})
     return run_worker(args.source_def, args.endpoint, args.credit, args.parent_pid, options)
 
 
@@ -206,6 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages picked for a source that may wait for its worker's credit",
     )
     run.add_argument(
+        "--connection-limit",
+        type=int,
+        default=32,
+        help="SMTP connections one source keeps to one destination site",
+    )
+    run.add_argument(
+        "--max-deliveries-per-connection",
+        type=int,
+        default=1024,
+        help="messages sent over one connection before it is closed and replaced",
+    )
+    run.add_argument(
+        "--max-recipients-per-batch",
+        type=int,
+        default=100,
+        help="recipients per SMTP transaction; more are split into several",
+    )
+    run.add_argument(
         "--smtp-timeout",
         action="append",
         default=[],
@@ -248,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--parent-pid", type=int, required=True)
     w.add_argument("--log-level", default="INFO")
     w.add_argument("--timeouts", default="{}", help="SMTP timeouts as JSON (validated)")
+    w.add_argument("--shaping", default="{}", help="connection shaping as JSON (validated)")
     w.set_defaults(func=_cmd_worker)
 
     st = sub.add_parser("status", help="print the coordinator's counters as JSON")

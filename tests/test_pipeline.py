@@ -397,3 +397,37 @@ def test_a_hung_worker_is_terminated_and_restarted(cluster, make_policy) -> None
         "127.0.0.2": 10,
         "127.0.0.3": 20,
     }
+
+
+def test_connection_shaping_options_reach_the_workers(cluster, make_policy) -> None:
+    extra = ("--connection-limit", "1", "--max-deliveries-per-connection", "5")
+    endpoint, _coord, records = _start(cluster, make_policy, extra=extra)
+    rcpts = set(_send(endpoint, 20, "two", "sh-"))  # pool pbc: b and c, 10 each
+    wait_for(lambda: rcpts <= {r["rcpt_to"][0] for r in records.refresh()}, 30, "20 messages")
+    conns: dict[str, set[int]] = {}
+    for r in records.records:
+        conns.setdefault(r["peer_ip"], set()).add(r["conn"])
+    # One connection at a time per source, replaced after every 5 messages.
+    assert {ip: len(c) for ip, c in conns.items()} == {"127.0.0.3": 2, "127.0.0.4": 2}
+
+
+def test_bad_shaping_option_is_refused_before_starting(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kumopy",
+            "run",
+            "--connection-limit",
+            "0",
+            "--spool",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "--connection-limit must be at least 1" in out.stderr
