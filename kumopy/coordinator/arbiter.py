@@ -40,14 +40,12 @@ class WorkerSlot:
     source: EgressSource
     pid: int | None = None
     proc: subprocess.Popen[bytes] | None = None
-    started: float = 0.0
     last_seen: float = 0.0
     restarts: deque[float] = field(default_factory=deque)
     next_start: float | None = None
     failed: str | None = None
     """Why this source's worker is no longer restarted (boot failure or restart storm)."""
     term_sent: float | None = None
-    exits: int = 0
 
 
 class Arbiter:
@@ -91,7 +89,7 @@ class Arbiter:
         ]
         slot.proc = subprocess.Popen(cmd, close_fds=True)
         slot.pid = slot.proc.pid
-        slot.started = slot.last_seen = time.monotonic()
+        slot.last_seen = time.monotonic()
         slot.next_start = None
         slot.term_sent = None
         self.by_pid[slot.pid] = slot
@@ -123,7 +121,6 @@ class Arbiter:
                 slot.proc.returncode = code  # keep Popen from waiting on a reaped pid
             slot.pid = None
             slot.proc = None
-            slot.exits += 1
             self._after_exit(slot, code)
 
     def _after_exit(self, slot: WorkerSlot, code: int) -> None:
