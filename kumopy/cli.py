@@ -72,6 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             log_max_bytes=args.log_max_size,
             fsync=args.fsync,
             min_free_bytes=args.min_free_space,
+            dedup_window=args.dedup_window,
             limits=Limits(max_message_size=args.max_message_size),
             credit=args.credit,
             drain_timeout=args.drain_timeout,
@@ -221,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="messages picked for a source that may wait for its worker's credit",
+    )
+    run.add_argument(
+        "--dedup-window",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="how long an injection id is remembered to de-duplicate retried injections",
     )
     run.add_argument(
         "--connection-limit",

@@ -246,3 +246,11 @@ def test_a_small_queue_is_not_buried_behind_a_bulk_one(tmp_path: Path) -> None:
     small = [r for r in sent + waiting if r.endswith("@small.test")]
     assert len(small) == 5  # all picked in the first turn, though 5000 bulk came first
     assert len(h.core.queues["bulk.test"].ready) == 5000 - 32
+
+
+def test_injection_ids_are_forgotten_after_the_dedup_window(tmp_path: Path) -> None:
+    spool = SpoolStore(tmp_path / "spool", fsync=False, min_free_bytes=0)
+    spool.insert_batch([], [("old", "m1", 1000.0), ("new", "m2", 5000.0)])
+    assert spool.lookup_client_ids(["old", "new"]) == {"old": "m1", "new": "m2"}
+    assert spool.prune_client_ids(2000.0) == 1
+    assert spool.lookup_client_ids(["old", "new"]) == {"new": "m2"}

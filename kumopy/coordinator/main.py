@@ -51,6 +51,8 @@ class RunOptions:
     log_max_bytes: int = 256 * 1024 * 1024
     fsync: bool = True
     min_free_bytes: int = 64 * 1024 * 1024
+    dedup_window: float = 86400.0
+    """How long an injection id is remembered for de-duplication, in seconds."""
     limits: Limits = field(default_factory=Limits)
     credit: int = 256
     drain_timeout: float = 30.0
@@ -206,7 +208,7 @@ class Coordinator:
         poller.register(self.ingress, zmq.POLLIN)
         poller.register(self.workers, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        last_tick = last_watchdog = 0.0
+        last_tick = last_watchdog = last_prune = 0.0
         stop_deadline = 0.0
         busy = False
         try:
@@ -233,6 +235,9 @@ class Coordinator:
                     self.arbiter.tick()
                     self.core.expire_leases(now)
                     self.core.resume_suspended(now)
+                    if mono - last_prune >= 60.0:
+                        last_prune = mono
+                        self.spool.prune_client_ids(now - self.options.dedup_window)
                     if mono - last_watchdog >= 1.0:
                         last_watchdog = mono
                         sdnotify.notify("WATCHDOG=1")
