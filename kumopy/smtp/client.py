@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import struct
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import cast
@@ -38,6 +39,7 @@ END_OF_DATA = "."
 _CRLF = b"\r\n"
 _UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")
 _QUIT_TIMEOUT = 5.0
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,39 @@ def _done(replies: list[Reply | None]) -> TransactionResult:
     return TransactionResult(replies)  # type: ignore[arg-type]
 
 
+EXPECTED: dict[str, tuple[int, ...]] = {
+    "banner": (220,),
+    "EHLO": (250,),
+    "HELO": (250,),
+    "MAIL FROM": (250,),
+    "RCPT TO": (250, 251),
+    "DATA": (354,),
+    END_OF_DATA: (250,),
+    "RSET": (250,),
+    "NOOP": (250,),
+    "QUIT": (221,),
+}
+"""The positive reply each command calls for; any other positive reply is a protocol error."""
+
+
+class _Transaction:
+    """The state of one mail transaction while its replies come in."""
+
+    __slots__ = ("accepted", "dot_sent", "out", "recipients", "stage", "timeout")
+
+    def __init__(self, recipients: list[str], timeout: float) -> None:
+        self.recipients = recipients
+        self.out: list[Reply | None] = [None] * len(recipients)
+        """The reply deciding each recipient, once known."""
+        self.accepted: list[int] = []
+        """Indexes of the recipients the server accepted at RCPT."""
+        self.stage = "MAIL FROM"
+        """What the session is waiting for, named in a failure."""
+        self.timeout = timeout
+        self.dot_sent = False
+        """True once the final dot may have reached the server (a possible duplicate)."""
+
+
 def _expire(fut: asyncio.Future[None]) -> None:
     """Fail a pending wait with TimeoutError (a loop.call_later callback)."""
     if not fut.done():
@@ -110,6 +145,9 @@ class _ClientProtocol(asyncio.Protocol):
         self.exc: Exception | None = None
         self.paused = False
         self.closed: asyncio.Future[None] = loop.create_future()
+        # Replies owed by the server: the banner, plus one per command written. A reply beyond
+        # them can only be matched to the wrong command, so it ends the session.
+        self.owed = 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport."""
@@ -126,6 +164,17 @@ class _ClientProtocol(asyncio.Protocol):
                 self.transport.abort()
             return
         if replies:
+            self.owed -= len(replies)
+            if self.owed < 0:
+                self.fail(
+                    ProtocolError(
+                        f"the server sent {-self.owed} more repl{'y' if self.owed == -1 else 'ies'}"
+                        f" than commands were sent (last: {replies[-1]})"
+                    )
+                )
+                if self.transport is not None:
+                    self.transport.abort()
+                return
             self.replies.extend(replies)
             _wake(self.waiter)
 
@@ -172,6 +221,7 @@ class SMTPClient:
         self.transactions = 0
         """Completed MAIL transactions on this session."""
         self._ahead: bytes | None = None
+        self._sock: socket.socket | None = None
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -246,6 +296,7 @@ class SMTPClient:
             sock.close()
             raise
         self._proto = proto
+        self._sock = sock
         try:
             banner = await self._reply(t.banner, "banner")
             if banner.code != 220:
@@ -279,13 +330,14 @@ class SMTPClient:
 
     # -- low level -------------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        """Queue bytes on the transport; raise the recorded failure if the session is gone."""
+    def _write(self, data: bytes, replies: int = 1) -> None:
+        """Queue bytes owing `replies` replies; raise the recorded failure if the session died."""
         p = self._proto
         if p is None or p.transport is None:
             raise ConnectionResetError("not connected")
         if p.exc is not None:
             raise p.exc
+        p.owed += replies
         p.transport.write(data)
 
     async def _drain(self, timeout: float) -> None:
@@ -308,7 +360,12 @@ class SMTPClient:
             raise p.exc
 
     async def _reply(self, timeout: float, command: str) -> Reply:
-        """Return the next reply, labelled with its command; raise on timeout or loss."""
+        """Return the next reply, labelled with its command; raise on timeout, loss or a wrong code.
+
+        A 4xx or 5xx reply is returned for the caller to act on. A positive reply other than
+        the one the command calls for (250 to DATA, 354 to RCPT, ...) means the replies no
+        longer line up with the commands: it raises ProtocolError, which ends the session.
+        """
         p = self._proto
         assert p is not None
         if not p.replies:
@@ -327,6 +384,9 @@ class SMTPClient:
         if reply.code == 421:
             # The server is closing the channel; nothing more may be sent on it.
             p.fail(ConnectionResetError(f"server closing the connection: {reply}"))
+        elif reply.code < 400 and reply.code not in EXPECTED[command]:
+            wanted = " or ".join(map(str, EXPECTED[command]))
+            raise ProtocolError(f"the server answered {command} with {reply} (expected {wanted})")
         return Reply(reply.code, reply.enhanced_code, reply.text, command)
 
     def _explain(self, exc: BaseException) -> str:
@@ -342,6 +402,8 @@ class SMTPClient:
         """Turn a session failure during stage into a transient synthesized reply."""
         if isinstance(exc, TimeoutError):
             why = f"timed out after {timeout:g}s waiting for the reply to {stage}"
+        elif isinstance(exc, ProtocolError):
+            why = f"protocol error at {stage}: {exc}"
         else:
             why = f"connection lost during {stage}: {self._explain(exc)}"
         return synthesized(451, "4.4.2", f"kumopy: session with {self._where} {why}")
@@ -359,11 +421,19 @@ class SMTPClient:
         cmds += [b"RCPT TO:<" + wire_address(r) + b">\r\n" for r in recipients]
         return cmds
 
-    def _too_big(self, payload: bytes) -> str | None:
-        """Return why payload exceeds the server's SIZE, or None when it fits."""
+    def _refusal(self, payload: bytes) -> Reply | None:
+        """Return the permanent reply for a payload this server cannot take, or None."""
         limit = self.max_size
         if limit and len(payload) > limit:
-            return f"kumopy: message of {len(payload)} bytes exceeds the server's SIZE {limit}"
+            text = f"kumopy: message of {len(payload)} bytes exceeds the server's SIZE {limit}"
+            return synthesized(552, "5.3.4", text)
+        if "8BITMIME" not in self.extensions and not payload.isascii():
+            # Converting to 7 bit would break the DKIM signature the message may carry.
+            text = (
+                f"kumopy: the message has 8-bit content and {self.peer_address} does not "
+                "offer 8BITMIME"
+            )
+            return synthesized(554, "5.6.3", text)
         return None
 
     async def send_transaction(
@@ -384,108 +454,131 @@ class SMTPClient:
             raise ValueError("a transaction needs at least one recipient")
         cmds = self._commands(sender, recipients, payload)
         ahead: bytes | None = None
-        if then is not None and self.pipelining and then[1] and self._too_big(then[2]) is None:
+        if then is not None and self.pipelining and then[1] and self._refusal(then[2]) is None:
             with contextlib.suppress(InjectionError):
                 ahead = b"".join(self._commands(*then)) + b"DATA\r\n"
         if not self.usable:
             raise DeliveryError(f"session with {self._where} is not usable")
-        too_big = self._too_big(payload) if self._ahead is None else None
-        if too_big is not None:
-            return TransactionResult([synthesized(552, "5.3.4", too_big)] * len(recipients))
-        out: list[Reply | None] = [None] * len(recipients)
-        t = self._timeouts
-        stage, timeout, dot_sent = "MAIL FROM", t.mail_from, False
+        refused = self._refusal(payload) if self._ahead is None else None
+        if refused is not None:
+            return TransactionResult([refused] * len(recipients))
+        txn = _Transaction(recipients, self._timeouts.mail_from)
         try:
             if self.pipelining:
-                # RFC 2920: MAIL, every RCPT and DATA go in one write; replies come back in order.
-                envelope = b"".join(cmds) + b"DATA\r\n"
-                if self._ahead is None:
-                    self._write(envelope)
-                elif self._ahead == envelope:
-                    self._ahead = None
-                else:
-                    self.close()
-                    raise RuntimeError("send_transaction() does not match the `then` announced")
-                mail_reply = await self._reply(t.mail_from, "MAIL FROM")
-                if not mail_reply.is_positive:
-                    out = [mail_reply] * len(recipients)
-                stage, timeout = "RCPT TO", t.rcpt_to
-                accepted = []
-                for i in range(len(recipients)):
-                    reply = await self._reply(t.rcpt_to, "RCPT TO")
-                    if reply.is_positive:
-                        accepted.append(i)
-                    elif out[i] is None:
-                        out[i] = reply
-                stage, timeout = "DATA", t.data
-                data_reply = await self._reply(t.data, "DATA")
-                if not mail_reply.is_positive:
-                    accepted = []
+                go = await self._envelope_pipelined(txn, cmds)
             else:
-                self._write(cmds[0])
-                mail_reply = await self._reply(t.mail_from, "MAIL FROM")
-                if not mail_reply.is_positive:
-                    return TransactionResult([mail_reply] * len(recipients))
-                stage, timeout = "RCPT TO", t.rcpt_to
-                accepted = []
-                for i, cmd in enumerate(cmds[1:]):
-                    self._write(cmd)
-                    reply = await self._reply(t.rcpt_to, "RCPT TO")
-                    if reply.is_positive:
-                        accepted.append(i)
-                    else:
-                        out[i] = reply
-                if not accepted:
-                    stage, timeout = "RSET", t.mail_from
-                    await self.rset()
-                    return _done(out)
-                stage, timeout = "DATA", t.data
-                self._write(b"DATA\r\n")
-                data_reply = await self._reply(t.data, "DATA")
-            if data_reply.code != 354:
-                for i in accepted:
-                    out[i] = data_reply
-                if mail_reply.is_positive and data_reply.code != 421:
-                    stage, timeout = "RSET", t.mail_from
-                    await self.rset()
-                return _done(out)
-            stage, timeout = "message body", t.data
-            if not accepted:
-                # The server wants a body nobody will receive: end it at once (RFC 2920).
-                self._write(b".\r\n")
-                await self._reply(t.data_dot, END_OF_DATA)
-                return _done(out)
-            if ahead is None:
-                self._write(payload)
-            elif len(payload) < 65536:
-                self._write(payload + ahead)
-                self._ahead = ahead
-            else:
-                self._write(payload)
-                self._write(ahead)
-                self._ahead = ahead
-            await self._drain(t.data)
-            dot_sent = True
-            stage, timeout = "the final dot", t.data_dot
-            final = await self._reply(t.data_dot, END_OF_DATA)
-            for i in accepted:
-                out[i] = final
-            self.transactions += 1
-            return _done(out)
+                go = await self._envelope_serial(txn, cmds)
+            if go:
+                await self._body(txn, payload, ahead)
         except (OSError, ProtocolError) as exc:
-            p = self._proto
-            if p is not None:
-                if not dot_sent and stage == "message body" and p.transport is not None:
-                    # Everything handed to the kernel may have reached the peer, dot included.
-                    dot_sent = p.transport.get_write_buffer_size() == 0
-                p.fail(exc)
-                if p.transport is not None:
-                    p.transport.abort()
-            failure = self._failure(exc, stage, timeout)
-            log.debug("transaction with %s failed at %s: %s", self._where, stage, failure.text)
-            return TransactionResult(
-                [r if r is not None else failure for r in out], possible_duplicate=dot_sent
-            )
+            return self._broken(txn, exc)
+        return _done(txn.out)
+
+    async def _envelope_pipelined(self, txn: _Transaction, cmds: list[bytes]) -> bool:
+        """Send MAIL, every RCPT and DATA in one write (RFC 2920) and read their replies."""
+        t = self._timeouts
+        envelope = b"".join(cmds) + b"DATA\r\n"
+        if self._ahead is None:
+            self._write(envelope, len(cmds) + 1)
+        elif self._ahead == envelope:
+            self._ahead = None  # already on the wire behind the previous body
+        else:
+            self.close()
+            raise RuntimeError("send_transaction() does not match the `then` announced")
+        mail = await self._reply(t.mail_from, "MAIL FROM")
+        if not mail.is_positive:
+            txn.out = [mail] * len(txn.recipients)
+        txn.stage, txn.timeout = "RCPT TO", t.rcpt_to
+        for i in range(len(txn.recipients)):
+            reply = await self._reply(t.rcpt_to, "RCPT TO")
+            if reply.is_positive:
+                txn.accepted.append(i)
+            elif txn.out[i] is None:
+                txn.out[i] = reply
+        if not mail.is_positive:
+            txn.accepted = []
+        txn.stage, txn.timeout = "DATA", t.data
+        return await self._data_reply(txn, mail.is_positive)
+
+    async def _envelope_serial(self, txn: _Transaction, cmds: list[bytes]) -> bool:
+        """Send MAIL, each RCPT, then DATA, one command per reply."""
+        t = self._timeouts
+        self._write(cmds[0])
+        mail = await self._reply(t.mail_from, "MAIL FROM")
+        if not mail.is_positive:
+            txn.out = [mail] * len(txn.recipients)
+            return False
+        txn.stage, txn.timeout = "RCPT TO", t.rcpt_to
+        for i, cmd in enumerate(cmds[1:]):
+            self._write(cmd)
+            reply = await self._reply(t.rcpt_to, "RCPT TO")
+            if reply.is_positive:
+                txn.accepted.append(i)
+            else:
+                txn.out[i] = reply
+        if not txn.accepted:
+            txn.stage, txn.timeout = "RSET", t.mail_from
+            await self.rset()
+            return False
+        txn.stage, txn.timeout = "DATA", t.data
+        self._write(b"DATA\r\n")
+        return await self._data_reply(txn, True)
+
+    async def _data_reply(self, txn: _Transaction, mail_ok: bool) -> bool:
+        """Read the reply to DATA; return True when the body is to be sent."""
+        t = self._timeouts
+        reply = await self._reply(t.data, "DATA")
+        if reply.code != 354:
+            for i in txn.accepted:
+                txn.out[i] = reply
+            if mail_ok and reply.code != 421:
+                txn.stage, txn.timeout = "RSET", t.mail_from
+                await self.rset()
+            return False
+        txn.stage, txn.timeout = "message body", t.data
+        if not txn.accepted:
+            # The server wants a body nobody will receive: end it at once (RFC 2920).
+            self._write(b".\r\n")
+            await self._reply(t.data_dot, END_OF_DATA)
+            return False
+        return True
+
+    async def _body(self, txn: _Transaction, payload: bytes, ahead: bytes | None) -> None:
+        """Send the body (and the next envelope, if any) and read the reply to the final dot."""
+        t = self._timeouts
+        if ahead is None:
+            self._write(payload)
+        else:
+            owed = ahead.count(_CRLF)  # MAIL, each RCPT and DATA: one reply per line
+            if len(payload) < 65536:
+                self._write(payload + ahead, 1 + owed)
+            else:
+                self._write(payload)
+                self._write(ahead, owed)
+            self._ahead = ahead
+        await self._drain(t.data)
+        txn.dot_sent = True
+        txn.stage, txn.timeout = "the final dot", t.data_dot
+        final = await self._reply(t.data_dot, END_OF_DATA)
+        for i in txn.accepted:
+            txn.out[i] = final
+        self.transactions += 1
+
+    def _broken(self, txn: _Transaction, exc: OSError | ProtocolError) -> TransactionResult:
+        """End a session that failed mid-transaction; every open recipient is transient."""
+        p = self._proto
+        if p is not None:
+            if not txn.dot_sent and txn.stage == "message body" and p.transport is not None:
+                # Everything handed to the kernel may have reached the peer, dot included.
+                txn.dot_sent = p.transport.get_write_buffer_size() == 0
+            p.fail(exc)
+            if p.transport is not None:
+                p.transport.abort()
+        failure = self._failure(exc, txn.stage, txn.timeout)
+        log.debug("transaction with %s failed at %s: %s", self._where, txn.stage, failure.text)
+        return TransactionResult(
+            [r if r is not None else failure for r in txn.out], possible_duplicate=txn.dot_sent
+        )
 
     async def rset(self) -> Reply:
         """Abort the current transaction with RSET and return the reply."""
@@ -506,6 +599,17 @@ class SMTPClient:
             except (OSError, ProtocolError) as exc:
                 log.debug("QUIT to %s failed: %s", self._where, exc)
         self.close()
+
+    def arm_reset(self) -> None:
+        """Make closing the socket (or exiting) send a TCP reset instead of the unsent data.
+
+        Used when the coordinator is gone: a body cut short by a reset is never taken by the
+        peer, so only a transaction whose final dot already left can be delivered twice. It
+        only sets a socket option, so a signal handler may call it.
+        """
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
     def close(self) -> None:
         """Close the connection at once."""

@@ -7,6 +7,8 @@ Recipients whose local part starts with one of these prefixes get a scripted ans
   reject-...         550 5.1.1 at RCPT
   datafail-...       accepted at RCPT; the transaction gets 451 4.3.0 after the final dot
   slow-...           accepted; the reply after the final dot comes only after --slow-delay seconds
+  data250-...        accepted; DATA is answered with 250 instead of 354 (a broken server)
+  extrareply-...     accepted with two replies instead of one (a broken server)
 Everything else is accepted with 250.
 
 It announces PIPELINING, 8BITMIME, SIZE and ENHANCEDSTATUSCODES and answers a pipelined group
@@ -226,6 +228,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-pipelining", action="store_true", help="do not announce PIPELINING in EHLO"
     )
+    p.add_argument("--no-8bitmime", action="store_true", help="do not announce 8BITMIME in EHLO")
     return p
 
 
@@ -295,6 +298,7 @@ async def _main_async(args: argparse.Namespace) -> None:
         slow_delay=args.slow_delay,
         max_size=args.max_size,
         pipelining=not args.no_pipelining,
+        eightbitmime=not args.no_8bitmime,
     )
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()

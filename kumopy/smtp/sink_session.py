@@ -45,6 +45,8 @@ class SinkOptions:
     """SIZE announced in EHLO and enforced after DATA."""
     pipelining: bool = True
     """Announce PIPELINING."""
+    eightbitmime: bool = True
+    """Announce 8BITMIME."""
     hostname: str = "sink.kumopy.invalid"
     """Name used in the greeting and EHLO reply."""
 
@@ -104,6 +106,7 @@ class SinkProtocol(asyncio.Protocol):
         self.rcpts: list[str] = []
         self.datafail = False
         self.slow = False
+        self.data250 = False
         self.chunks = 0
         self.mail_chunk = -1
         self.pipelined = False
@@ -249,6 +252,7 @@ class SinkProtocol(asyncio.Protocol):
         self.rcpts = []
         self.datafail = False
         self.slow = False
+        self.data250 = False
 
     def _hello(self, verb: str, name: str) -> bytes:
         """Answer EHLO or HELO."""
@@ -262,7 +266,9 @@ class SinkProtocol(asyncio.Protocol):
         lines = [b"250-" + host + b" hello " + name.encode()]
         if self.opts.pipelining:
             lines.append(b"250-PIPELINING")
-        lines += [b"250-8BITMIME", b"250-SIZE %d" % self.opts.max_size]
+        if self.opts.eightbitmime:
+            lines.append(b"250-8BITMIME")
+        lines.append(b"250-SIZE %d" % self.opts.max_size)
         lines.append(b"250 ENHANCEDSTATUSCODES")
         return b"\r\n".join(lines) + b"\r\n"
 
@@ -313,7 +319,12 @@ class SinkProtocol(asyncio.Protocol):
             self.datafail = True
         elif local.startswith("slow-"):
             self.slow = True
+        elif local.startswith("data250-"):
+            self.data250 = True
         self.rcpts.append(rcpt)
+        if local.startswith("extrareply-"):
+            # A broken server: one reply more than commands, so later replies shift by one.
+            return b"250 2.1.5 OK\r\n250 2.1.5 OK (one reply too many)\r\n"
         return b"250 2.1.5 OK\r\n"
 
     def _data(self) -> bytes:
@@ -322,6 +333,10 @@ class SinkProtocol(asyncio.Protocol):
             return b"503 5.5.1 Need MAIL command\r\n"
         if not self.rcpts:
             return b"554 5.5.1 No valid recipients\r\n"
+        if self.data250:
+            # A broken server: it answers DATA as if the message were taken, and wants no body.
+            self._reset()
+            return b"250 2.0.0 OK (DATA answered without 354)\r\n"
         self.in_data = True
         # MAIL, RCPT and DATA in one read means the client pipelined them (RFC 2920).
         self.pipelined = self.chunks == self.mail_chunk
