@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -15,7 +17,14 @@ from typing import Any
 
 import msgpack
 
-from kumopy.errors import SpoolError, SpoolFullError
+from kumopy.coordinator.spool_salvage import (
+    finish_interrupted,
+    fsync_dir,
+    is_corrupt,
+    quarantine_file,
+    salvage,
+)
+from kumopy.errors import SpoolError, SpoolFullError, SpoolLockedError
 
 __all__ = ["SpoolRecord", "SpoolStore", "SpooledMeta", "fsync_dir"]
 
@@ -82,6 +91,30 @@ def _crc(env: bytes, data: bytes | memoryview) -> int:
     return zlib.crc32(data, zlib.crc32(env)) & 0xFFFFFFFF
 
 
+def _lock(directory: Path) -> int:
+    """Take the directory's exclusive lock (held while the fd stays open); return the fd."""
+    path = directory / "lock"
+    try:
+        # os.open() fds are not inherited by exec'd children (PEP 446): workers never hold it.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise SpoolError(f"cannot open the spool lock {path}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise SpoolLockedError(
+                f"spool {directory} is in use by another kumopy run (pid {holder}); "
+                "stop it or give another --spool"
+            ) from None
+        raise SpoolError(f"cannot lock the spool {path}: {exc}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class SpoolStore:
     """SQLite (WAL) spool with group commit: one fsync per batch of accepted messages."""
 
@@ -91,6 +124,7 @@ class SpoolStore:
         *,
         fsync: bool = True,
         min_free_bytes: int = 64 * 1024 * 1024,
+        start_empty: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -98,19 +132,73 @@ class SpoolStore:
         self.path = self.directory / "spool.db"
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
-        fresh = not self.path.exists()
+        self.start_empty = start_empty
+        self.salvage: dict[str, Any] | None = None
+        """The salvage report when a damaged spool.db was replaced at start-up, else None."""
+        self._lock_fd = _lock(self.directory)
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            finish_interrupted(self.path, self.quarantine_dir, fsync=fsync)
+            self._set_aside_empty()
+            fresh = not self.path.exists()
+            try:
+                self.db = self._connect()
+            except sqlite3.DatabaseError as exc:
+                if not is_corrupt(exc):
+                    raise SpoolError(f"cannot open spool {self.path}: {exc}") from None
+                self._salvage(str(exc))
+                self.db = self._connect_salvaged()
+            if fresh and fsync:
+                fsync_dir(self.directory)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _set_aside_empty(self) -> None:
+        # SQLite treats a 0-byte file as a new database, but a spool that existed was at least
+        # one page: a 0-byte one was truncated, and starting on it would lose every message.
+        if not self.path.exists() or self.path.stat().st_size:
+            return
+        if not self.start_empty:
+            raise SpoolError(
+                f"spool file {self.path} is empty (0 bytes): messages may have been lost. "
+                "Pass --start-empty to move it to quarantine and start with an empty spool"
+            )
+        moved = quarantine_file(self.path, self.quarantine_dir, "-empty", fsync=self.fsync)
+        log.warning("spool file %s was empty (0 bytes); moved it to %s", self.path, moved)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
             # FULL makes every commit fsync the WAL: the acknowledgement follows a real fsync.
-            self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
-            self.db.execute("PRAGMA wal_autocheckpoint=4000")
-            self.db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
+            db.execute("PRAGMA wal_autocheckpoint=4000")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()  # the file may be moved to quarantine next
+            raise
+        self._sync_mode = "FULL" if self.fsync else "OFF"
+        return db
+
+    def _connect_salvaged(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
         except sqlite3.DatabaseError as exc:
-            raise SpoolError(f"cannot open spool {self.path}: {exc}") from None
-        if fresh and fsync:
-            fsync_dir(self.directory)
-        self._sync_mode = "FULL" if fsync else "OFF"
+            raise SpoolError(f"cannot open the salvaged spool {self.path}: {exc}") from None
+
+    def _salvage(self, reason: str) -> None:
+        try:
+            self.salvage = salvage(
+                self.path,
+                _SCHEMA,
+                reason=reason,
+                fsync=self.fsync,
+                start_empty=self.start_empty,
+            )
+        except SpoolError:
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            raise SpoolError(f"cannot salvage the damaged spool {self.path}: {exc}") from None
 
     def _sync(self, mode: str) -> None:
         # Acknowledged messages are committed with FULL (the WAL is fsynced before COMMIT
@@ -226,17 +314,35 @@ class SpoolStore:
     def recover(self) -> Iterator[SpoolRecord]:
         """Yield every intact message; move torn or corrupt ones aside and report them."""
         bad: list[str] = []
-        cur = self.db.execute("SELECT id, env, due, attempts, data, crc FROM msg ORDER BY id")
-        for msg_id, env_blob, due, attempts, data, crc in cur:
+        last: Any = None
+        for salvaged in (False, True):
+            query = "SELECT id, env, due, attempts, data, crc FROM msg"
             try:
-                if _crc(env_blob, data) != crc:
-                    raise ValueError("checksum mismatch")
-                env = SpooledMeta.unpack(env_blob)
-            except Exception as exc:
-                self._quarantine(str(msg_id), env_blob, data, f"{type(exc).__name__}: {exc}")
-                bad.append(msg_id)
-                continue
-            yield SpoolRecord(str(msg_id), env, float(due), int(attempts), len(data))
+                # After a salvage, carry on past the last id already yielded (same order).
+                cur = (
+                    self.db.execute(f"{query} ORDER BY id")
+                    if last is None
+                    else self.db.execute(f"{query} WHERE id > ? ORDER BY id", (last,))
+                )
+                for msg_id, env_blob, due, attempts, data, crc in cur:
+                    last = msg_id
+                    try:
+                        if _crc(env_blob, data) != crc:
+                            raise ValueError("checksum mismatch")
+                        env = SpooledMeta.unpack(env_blob)
+                    except Exception as exc:
+                        reason = f"{type(exc).__name__}: {exc}"
+                        self._quarantine(str(msg_id), env_blob, data, reason)
+                        bad.append(msg_id)
+                        continue
+                    yield SpoolRecord(str(msg_id), env, float(due), int(attempts), len(data))
+                break
+            except sqlite3.DatabaseError as exc:
+                if salvaged or not is_corrupt(exc):
+                    raise SpoolError(f"cannot read spool {self.path}: {exc}") from None
+                self.db.close()
+                self._salvage(str(exc))
+                self.db = self._connect_salvaged()
         if bad:
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM msg WHERE id = ?", [(b,) for b in bad])
@@ -258,16 +364,10 @@ class SpoolStore:
         return int(self.db.execute("SELECT count(*) FROM msg").fetchone()[0])
 
     def close(self) -> None:
-        """Checkpoint the WAL and close the database."""
+        """Checkpoint the WAL, close the database and release the directory lock."""
         with contextlib.suppress(sqlite3.Error):
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.close()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries durable (after creating or renaming files in it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing our only descriptor releases the flock
+            self._lock_fd = -1
