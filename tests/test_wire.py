@@ -1,4 +1,4 @@
-"""kumopy.smtp.wire: DATA encoding (line endings, dot-stuffing) and envelope address checks."""
+"""kumopy.smtp.wire: DATA encoding (line endings, dot-stuffing), address checks, line length."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from kumopy.errors import InjectionError
 from kumopy.smtp.wire import (
+    check_line_length,
     decode_data,
     domain_of,
     encode_data,
@@ -199,3 +200,87 @@ def test_encode_data_twins_agree_on_random_bytes() -> None:
         for twin in twins:
             assert twin(message) == wire and twin(memoryview(message)) == wire
     assert encode_data is twins[-1]  # kumopy.smtp.wire uses the compiled twin when built
+
+
+# -- the 998-octet line limit --------------------------------------------------------------------
+
+_LINE_ERROR = "RFC 5322 allows at most 998 (not counting the line ending)"
+
+
+@pytest.mark.parametrize("end", [b"\r\n", b"\n", b"\r"], ids=["crlf", "lf", "cr"])
+@pytest.mark.parametrize("view", [False, True], ids=["bytes", "memoryview"])
+def test_line_of_998_octets_passes_and_999_is_refused(end: bytes, view: bool) -> None:
+    def body(n: int) -> bytes | memoryview:
+        data = b"Subject: x" + end + end + b"a" * 998 + end + b"b" * n + end + b"tail"
+        return memoryview(data) if view else data
+
+    check_line_length(body(998))
+    with pytest.raises(InjectionError) as info:
+        check_line_length(body(999))
+    message = str(info.value)
+    assert "message line 4 is 999 octets long" in message and _LINE_ERROR in message
+    assert "quoted-printable or base64" in message
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "length"),
+    [
+        (b"x" * 999, 1, 999),
+        (b"x" * 5000 + b"\r\n", 1, 5000),
+        (b"a\r\nb\r\n" + b"x" * 999, 3, 999),  # the last line needs no ending
+        (b"a\n\r" + b"x" * 1500, 3, 1500),  # LF then CR: two line endings
+        (b"a\r\r\n" + b"x" * 999, 3, 999),  # CR then CRLF: two line endings
+        (b"\r\n" * 3 + b"x" * 998 + b"\r" + b"y" * 999, 5, 999),  # a bare CR splits a line
+        (b"x" * 998 + b"\r\n" + b"y" * 998 + b"\n" + b"z" * 1_000_000, 3, 1_000_000),
+    ],
+)
+def test_long_line_error_names_line_and_length(data: bytes, line: int, length: int) -> None:
+    with pytest.raises(InjectionError, match=f"message line {line} is {length} octets long"):
+        check_line_length(memoryview(data))
+
+
+def test_short_lines_pass() -> None:
+    check_line_length(b"")
+    check_line_length(b"x" * 998)
+    check_line_length((b"x" * 998 + b"\r\n") * 2000)
+    check_line_length((b"x" * 998 + b"\r") * 2000)
+    check_line_length(b"\r\n" * 10_000 + b"\n\r" * 10_000)
+
+
+def test_line_length_agrees_with_the_line_endings_encode_data_writes() -> None:
+    rng = random.Random(998)
+    alphabet = [b"x" * 400, b"x" * 599, b"x", b"\r", b"\n", b"\r\n", b"\n\r"]
+    refused = 0
+    for _ in range(3000):
+        data = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        lines = _oracle_normalise(data).split(b"\r\n")
+        too_long = [(n, len(x)) for n, x in enumerate(lines, start=1) if len(x) > 998]
+        if not too_long:
+            check_line_length(data)
+            continue
+        refused += 1
+        line, length = too_long[0]
+        with pytest.raises(InjectionError, match=f"message line {line} is {length} octets"):
+            check_line_length(memoryview(data))
+    assert refused > 300
+
+
+def test_check_line_length_benchmark_on_998_octet_lines(benchmark: BenchmarkFixture) -> None:
+    # The worst case for a naive search (quadratic per line); this one stays linear.
+    body = (b"x" * 998 + b"\r\n") * 4000 + (b"y" * 500 + b"\n") * 8000  # 8 MB
+    benchmark(check_line_length, memoryview(body))
+
+
+def test_check_line_length_benchmark(benchmark: BenchmarkFixture) -> None:
+    body = (b"The quick brown fox jumps over the lazy dog, message body line.\r\n") * 16_000
+    benchmark(check_line_length, memoryview(body))  # about 1 MB
+
+
+def test_validate_address_benchmark(benchmark: BenchmarkFixture) -> None:
+    addrs = [f"first.last+{i}@mail{i % 7}.example.com" for i in range(1000)]
+
+    def run() -> None:
+        for addr in addrs:
+            validate_address(addr)
+
+    benchmark(run)

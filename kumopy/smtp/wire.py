@@ -1,4 +1,4 @@
-"""SMTP wire encoding: the DATA payload and envelope address checks.
+"""SMTP wire encoding: the DATA payload, envelope address syntax and the line-length rule.
 
 `encode_data` is the hot one; it comes from kumopy._fast (Cython, with its Python twin).
 """
@@ -7,15 +7,46 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import NoReturn
 
 from kumopy._fast import encode_data
 from kumopy.errors import InjectionError
 
-__all__ = ["decode_data", "domain_of", "encode_data", "validate_address", "wire_address"]
+__all__ = [
+    "MAX_LINE_LENGTH",
+    "check_line_length",
+    "decode_data",
+    "domain_of",
+    "encode_data",
+    "validate_address",
+    "wire_address",
+]
 
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_LINE_LENGTH = 998
+"""Longest line RFC 5322 (2.1.1) allows, in octets, not counting the line ending."""
+
+_MAX_LOCAL = 64
+_MAX_PATH = 254
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LDH_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# Dot-string "@" host name, local part 1-64 octets. The domain's 253-octet limit needs no check
+# here: the whole path is capped at 254, and the local part and "@" take at least two of them.
+_PLAIN_ADDRESS = re.compile(
+    rf"(?=[^@]{{1,{_MAX_LOCAL}}}@){_ATEXT}+(?:\.{_ATEXT}+)*@{_LDH_LABEL}(?:\.{_LDH_LABEL})*"
+)
+_NOT_DOT_STRING = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
+_LABEL = re.compile(_LDH_LABEL)
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f<>]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 5321 Quoted-string: qtextSMTP (%d32-33 / %d35-91 / %d93-126) or a quoted-pairSMTP.
+_QUOTED_LOCAL = re.compile(r'"(?:[ !#-\[\]-~]|\\[ -~])*"(?=@)')
 _TERMINATOR = b".\r\n"
+_OVER = MAX_LINE_LENGTH + 1
+# Possessive quantifiers (Python 3.11) keep these linear: no backtracking into skipped lines.
+_LONG_LF_LINE = re.compile(rb"(?:[^\n]{0,998}+\n)*+[^\n]{999}")
+_LONG_CR_PIECE = re.compile(rb"(?:[^\r]{0,998}+\r)*+[^\r]{999}")
+_LF = re.compile(rb"\n")
+_EOL = re.compile(rb"[\r\n]")
 
 
 def decode_data(payload: bytes) -> bytes:
@@ -34,11 +65,11 @@ def decode_data(payload: bytes) -> bytes:
     return body
 
 
-def _check_domain(domain: str, prefix: str) -> None:
-    """Raise InjectionError unless domain is a host name or an address literal."""
+def _domain_problem(domain: str) -> str | None:
+    """Return what is wrong with domain (a host name or an address literal), or None."""
     if domain.startswith("["):
         if not domain.endswith("]"):
-            raise InjectionError(f"{prefix}: unterminated address literal {domain!r}")
+            return f"unterminated address literal {domain!r}"
         literal = domain[1:-1]
         try:
             if literal[:5].lower() == "ipv6:":
@@ -46,50 +77,110 @@ def _check_domain(domain: str, prefix: str) -> None:
             else:
                 ipaddress.IPv4Address(literal)
         except ValueError:
-            raise InjectionError(f"{prefix}: invalid address literal {domain!r}") from None
-        return
+            return f"invalid address literal {domain!r}"
+        return None
+    bad = _BAD_CHARS.search(domain)
+    if bad is not None:
+        return f"contains {_describe(bad.group())} in the domain"
     if not domain.isascii():
-        raise InjectionError(f"{prefix}: non-ASCII domain, use its IDNA (xn--) form")
+        return "non-ASCII domain, use its IDNA (xn--) form"
     if len(domain) > 253:
-        raise InjectionError(f"{prefix}: domain longer than 253 octets")
+        return "domain longer than 253 octets"
     for label in domain.split("."):
         if not label:
-            raise InjectionError(f"{prefix}: empty label in domain {domain!r}")
+            return f"empty label in domain {domain!r}"
         if not _LABEL.fullmatch(label):
-            raise InjectionError(f"{prefix}: invalid domain label {label!r}")
+            return f"invalid domain label {label!r}"
+    return None
+
+
+def _describe(ch: str) -> str:
+    """Name a refused character for an error message."""
+    if ch == " ":
+        return "a space"
+    if ch in "<>":
+        return "an angle bracket"
+    return f"character {ch!r}"
+
+
+def _dot_string_problem(local: str) -> str | None:
+    """Return what keeps local from being an RFC 5321 Dot-string, or None."""
+    bad = _NOT_DOT_STRING.search(local)
+    if bad is not None:
+        ch = bad.group()
+        if ch == "@":
+            return "more than one '@' outside a quoted local part"
+        if ch == '"':
+            return 'a quote may only enclose the whole local part ("...", inner ones escaped)'
+        return f'contains {_describe(ch)}, allowed only in a quoted local part ("...")'
+    if local.startswith("."):
+        return "empty atom (local part starts with a dot)"
+    if local.endswith("."):
+        return "empty atom (local part ends with a dot)"
+    if ".." in local:
+        return "empty atom (two dots in a row)"
+    return None
+
+
+def _quoted_string_problem(local: str) -> str | None:
+    """Return what keeps local (starting with a quote) from being a Quoted-string, or None."""
+    # The caller has refused control characters and non-ASCII, so every octet left is qtextSMTP
+    # except the quote and the backslash, and any of them may follow a backslash.
+    i, n = 1, len(local)
+    while i < n:
+        ch = local[i]
+        if ch == '"':
+            if i == n - 1:
+                return None
+            return f"{local[i + 1 :]!r} after the closing quote of the quoted local part"
+        # A backslash takes the next octet as it is (quoted-pairSMTP).
+        i += 2 if ch == "\\" else 1
+    if n > 1 and local[-1] == '"':
+        # Reaching the end means that quote did not close the string: a backslash escaped it.
+        return "unterminated quoted local part (its last quote is escaped by a backslash)"
+    return "unterminated quoted local part"
+
+
+def _address_problem(addr: str) -> str | None:
+    """Return what is wrong with a non-empty envelope address, or None: the careful path."""
+    # The domain never holds an "@" (a quoted local part may), so the last one splits them.
+    local, at, domain = addr.rpartition("@")
+    control = _CONTROL.search(addr)
+    if control is not None:
+        # Named first, whatever else is wrong: a CR or LF here is a try at injecting a command.
+        ch = control.group()
+        if local.startswith('"') and control.start() < len(local):
+            return f"character {ch!r} not allowed in a quoted local part"
+        return f"contains control character {ch!r}"
+    if not at:
+        return "missing '@'"
+    if not local:
+        return "empty local part"
+    if not domain:
+        return "empty domain"
+    # The one SMTPUTF8 gate: lifting it (RFC 6531) also means widening atext and qtextSMTP.
+    if not local.isascii():
+        return "non-ASCII local part needs SMTPUTF8, which is not supported yet"
+    if len(local) > _MAX_LOCAL:
+        return f"local part longer than {_MAX_LOCAL} octets"
+    if len(addr) > _MAX_PATH:
+        return f"address longer than {_MAX_PATH} octets"
+    check = _quoted_string_problem if local.startswith('"') else _dot_string_problem
+    return check(local) or _domain_problem(domain)
 
 
 def validate_address(addr: str, *, allow_empty: bool = False, where: str = "recipient") -> str:
-    """Check an envelope address is safe and well formed for the wire; return it unchanged."""
+    """Check an envelope address against RFC 5321 (4.1.2); return it unchanged."""
+    # The common case (a dot-string at a host name) costs one regex match in C.
+    if len(addr) <= _MAX_PATH and _PLAIN_ADDRESS.fullmatch(addr) is not None:
+        return addr
     if addr == "":
         if allow_empty:
             return addr
         raise InjectionError(f"{where}: empty address")
-    bad = _BAD_CHARS.search(addr)
-    if bad is not None:
-        ch = bad.group()
-        what = {" ": "a space", "<": "an angle bracket", ">": "an angle bracket"}.get(
-            ch, f"control character {ch!r}"
-        )
-        raise InjectionError(f"{where} {addr!r}: contains {what}")
-    local, at, domain = addr.rpartition("@")
-    if not at:
-        raise InjectionError(f"{where} {addr!r}: missing '@'")
-    if not local:
-        raise InjectionError(f"{where} {addr!r}: empty local part")
-    if not domain:
-        raise InjectionError(f"{where} {addr!r}: empty domain")
-    if not local.isascii():
-        raise InjectionError(
-            f"{where} {addr!r}: non-ASCII local part needs SMTPUTF8, which is not supported yet"
-        )
-    if "@" in local and not (local.startswith('"') and local.endswith('"')):
-        raise InjectionError(f"{where} {addr!r}: more than one '@' outside a quoted local part")
-    if len(local) > 64:
-        raise InjectionError(f"{where} {addr!r}: local part longer than 64 octets")
-    if len(addr) > 254:
-        raise InjectionError(f"{where} {addr!r}: address longer than 254 octets")
-    _check_domain(domain, f"{where} {addr!r}")
+    problem = _address_problem(addr)
+    if problem is not None:
+        raise InjectionError(f"{where} {addr!r}: {problem}")
     return addr
 
 
@@ -97,17 +188,68 @@ def wire_address(addr: str, *, where: str = "recipient") -> bytes:
     """Return addr as ASCII bytes for MAIL/RCPT; raise InjectionError if it could break the line.
 
     A cheap check for the hot path: only what would corrupt the command (control characters,
-    spaces, brackets, non-ASCII). Full syntax checks belong to validate_address() at injection.
+    spaces or brackets outside a quoted local part, non-ASCII). Full syntax checks belong to
+    validate_address() at injection; every address it accepts passes here.
     """
     bad = _BAD_CHARS.search(addr)
     if bad is not None:
-        raise InjectionError(f"{where} {addr!r}: contains {bad.group()!r}, not allowed on the wire")
+        # A quoted local part may hold spaces and brackets; look again past it.
+        quoted = _QUOTED_LOCAL.match(addr) if addr.startswith('"') else None
+        if quoted is not None:
+            bad = _BAD_CHARS.search(addr, quoted.end())
+        if bad is not None:
+            _refuse_on_wire(addr, where, bad.group())
     try:
         return addr.encode("ascii")
     except UnicodeEncodeError:
+        _refuse_on_wire(addr, where, "")
+
+
+def _refuse_on_wire(addr: str, where: str, bad: str) -> NoReturn:
+    """Raise the InjectionError for an address wire_address() will not write."""
+    # Name a control character first: that is what could smuggle in a command.
+    control = _CONTROL.search(addr)
+    if control is not None:
+        bad = control.group()
+    elif not addr.isascii():
         raise InjectionError(
             f"{where} {addr!r}: non-ASCII address needs SMTPUTF8, which is not supported yet"
-        ) from None
+        )
+    raise InjectionError(f"{where} {addr!r}: contains {bad!r}, not allowed on the wire")
+
+
+def check_line_length(data: bytes | memoryview) -> None:
+    """Raise InjectionError if a line of the message is longer than RFC 5322's 998 octets."""
+    if len(data) <= MAX_LINE_LENGTH:
+        return
+    # A plain search for 999 non-CR/LF octets restarts at every offset of every line: quadratic
+    # in the line length (seconds for a few MB of 998-octet lines). Instead, possessive loops
+    # skip whole lines in one linear C pass, over LF only (sre runs single-octet classes far
+    # faster), and only an LF-delimited line that long is split again at CR.
+    pos = 0
+    while (long_lf := _LONG_LF_LINE.match(data, pos)) is not None:
+        start = long_lf.end() - _OVER
+        lf = _LF.search(data, long_lf.end())
+        end = len(data) if lf is None else lf.start()
+        long_cr = _LONG_CR_PIECE.match(data, start, end)
+        if long_cr is not None:
+            _refuse_long_line(data, long_cr.end() - _OVER)
+        pos = end + 1
+
+
+def _refuse_long_line(data: bytes | memoryview, start: int) -> NoReturn:
+    """Raise the InjectionError for the over-long line starting at offset start."""
+    # Line endings as encode_data sees them: CRLF, bare CR and bare LF each end one line. No
+    # CRLF straddles start: the octet there is neither CR nor LF.
+    head = bytes(data[:start])
+    line = 1 + head.count(b"\r") + head.count(b"\n") - head.count(b"\r\n")
+    eol = _EOL.search(data, start)
+    length = (len(data) if eol is None else eol.start()) - start
+    raise InjectionError(
+        f"message line {line} is {length} octets long; RFC 5322 allows at most "
+        f"{MAX_LINE_LENGTH} (not counting the line ending): encode that part as "
+        "quoted-printable or base64"
+    )
 
 
 def domain_of(addr: str) -> str:
