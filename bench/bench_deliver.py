@@ -28,9 +28,9 @@ import uvloop
 from kumopy.config import EgressSource
 from kumopy.harness import SinkRecords, start_sink
 from kumopy.inject import make_body
+from kumopy.ipc.jobs import DELIVERED, Job, JobResult
 from kumopy.smtp.wire import decode_data
 from kumopy.worker.delivery import Deliverer
-from kumopy.worker.jobs import DELIVERED, Job, JobResult
 
 if TYPE_CHECKING:
     # Only the pytest functions need these; the script runs without the test extras.

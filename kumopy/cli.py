@@ -68,6 +68,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         options = RunOptions(
             listen=args.listen,
             spool_dir=args.spool,
+            start_empty=args.start_empty,
             log_dir=args.log_dir,
             log_max_bytes=args.log_max_size,
             fsync=args.fsync,
@@ -82,6 +83,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 problem_retry=args.problem_retry,
                 max_ready=args.max_ready,
                 suspend_unplumbed=args.suspend_unplumbed,
+                queue_idle=args.queue_idle_timeout,
+                max_pending_outcomes=args.max_pending_outcomes,
             ),
             worker_args=[
                 "--log-level",
@@ -187,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow --listen on a non-loopback address (no authentication yet)",
     )
     run.add_argument("--spool", default=os.path.join("var", "spool"), help="spool directory")
+    run.add_argument(
+        "--start-empty",
+        action="store_true",
+        help="if spool.db is empty or unreadable, move it to quarantine and start an empty spool",
+    )
     run.add_argument("--log-dir", default=os.path.join("var", "log"), help="log record directory")
     run.add_argument(
         "--no-fsync",
@@ -222,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="messages picked for a source that may wait for its worker's credit",
+    )
+    run.add_argument(
+        "--queue-idle-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="forget a scheduled queue this long after its last message left",
+    )
+    run.add_argument(
+        "--max-pending-outcomes",
+        type=int,
+        default=50_000,
+        help="outcomes waiting for the spool past which no new delivery starts",
     )
     run.add_argument(
         "--dedup-window",

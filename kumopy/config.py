@@ -30,6 +30,7 @@ __all__ = [
     "build_config",
     "parse_duration",
     "parse_mx_host",
+    "queue_name",
 ]
 
 UNSPECIFIED = "unspecified"
@@ -146,6 +147,12 @@ class QueueConfig:
     """Seconds after reception when an undelivered message expires."""
     mx_list: tuple[MxHost, ...] | None = None
     """Smart hosts to use instead of an MX lookup; None means look up MX records."""
+
+
+def queue_name(domain: str, tenant: str | None, campaign: str | None) -> str:
+    """Name a scheduled queue `campaign:tenant@domain`, leaving out absent parts."""
+    name = f"{tenant}@{domain}" if tenant else domain
+    return f"{campaign}:{name}" if campaign else name
 
 
 @dataclass(frozen=True, slots=True)

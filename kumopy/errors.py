@@ -11,6 +11,7 @@ __all__ = [
     "DeliveryError",
     "InjectionError",
     "KumoError",
+    "LogUnavailableError",
     "PolicyError",
     "ProtocolError",
     "SMTPReplyError",
@@ -18,6 +19,7 @@ __all__ = [
     "SourceBindError",
     "SpoolError",
     "SpoolFullError",
+    "SpoolLockedError",
     "WorkerBootError",
     "error_from_dict",
 ]
@@ -89,6 +91,12 @@ class PolicyError(KumoError):
     code = "policy_error"
     transient = True
 
+    def __init__(self, message: str, answer: object = None) -> None:
+        super().__init__(message)
+        self.answer = answer
+        """What the policy returned, when it returned something (its retry schedule still
+        applies to a queue config that names an unknown pool)."""
+
 
 class ProtocolError(KumoError, ValueError):
     """A frame, request or reply (ZeroMQ or SMTP) is malformed, too large or unknown."""
@@ -115,10 +123,24 @@ class SpoolFullError(SpoolError):
     code = "spool_full"
 
 
+class SpoolLockedError(SpoolError):
+    """Another process holds the spool directory's lock; two runs must not share a spool."""
+
+    code = "spool_locked"
+    transient = False
+
+
 class ShuttingDownError(KumoError):
     """The coordinator is stopping and takes no new messages; try again after it restarts."""
 
     code = "shutting_down"
+    transient = True
+
+
+class LogUnavailableError(KumoError):
+    """Log records cannot be written (full or missing file system); injection waits meanwhile."""
+
+    code = "log_unavailable"
     transient = True
 
 
@@ -211,7 +233,9 @@ for _cls in (
     InjectionError,
     SpoolError,
     SpoolFullError,
+    SpoolLockedError,
     ShuttingDownError,
+    LogUnavailableError,
     WorkerBootError,
     DeliveryError,
     SourceBindError,

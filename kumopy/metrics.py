@@ -57,6 +57,17 @@ class MetricsExporter(Collector):
             ("inflight", "Deliveries held by workers"),
         ):
             yield GaugeMetricFamily(f"kumopy_{key}", help_text, value=st.get(key, 0))
+        log_state = st.get("log", {})
+        yield GaugeMetricFamily(
+            "kumopy_log_write_failing",
+            "1 while log records cannot be written",
+            value=1 if log_state.get("failing") else 0,
+        )
+        yield GaugeMetricFamily(
+            "kumopy_log_unwritten_records",
+            "Log records waiting in memory for the log file",
+            value=log_state.get("unwritten_records", 0),
+        )
         rec = CounterMetricFamily("kumopy_records", "Log records written", labels=["type"])
         for kind, n in sorted(st.get("records", {}).items()):
             rec.add_metric([kind], n)

@@ -23,6 +23,7 @@ from kumopy.config import (
     build_config,
     parse_duration,
     parse_mx_host,
+    queue_name,
 )
 from kumopy.errors import ConfigError, ConfigIssue, PolicyError
 from kumopy.sources_file import SourcesMerger, read_sources_file
@@ -289,12 +290,6 @@ kumo = KumoNamespace()
 """The policy API: `from kumopy import kumo`."""
 
 
-def _queue_name(domain: str, tenant: str | None, campaign: str | None) -> str:
-    """Return the scheduled queue name `campaign:tenant@domain`, parts optional."""
-    name = f"{tenant}@{domain}" if tenant else domain
-    return f"{campaign}:{name}" if campaign else name
-
-
 class Policy:
     """A loaded policy: its validated Config and its get_queue_config handler."""
 
@@ -320,7 +315,7 @@ class Policy:
         routing_domain: str | None = None,
     ) -> QueueConfig:
         """Ask get_queue_config for a queue's config; raise PolicyError if it is unusable."""
-        queue = _queue_name(domain, tenant, campaign)
+        queue = queue_name(domain, tenant, campaign)
         if self._queue_handler is None:
             result = QueueConfig()
         else:
@@ -344,7 +339,8 @@ class Policy:
             known = ", ".join(self.config.pools)
             raise PolicyError(
                 f"queue {queue!r} names unknown egress pool {result.egress_pool!r}; "
-                f"known pools: {known}"
+                f"known pools: {known}",
+                result,
             )
         return result
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 
 from kumopy.harness import Proc, SinkRecords, read_log_records, start_coordinator, start_sink
 
-__all__ = ["Cluster", "policy_file"]
+__all__ = ["Cluster", "fill", "policy_file", "tmpfs"]
 
 
 def policy_file(path: Path, body: str) -> str:
@@ -89,3 +92,43 @@ def make_policy(tmp_path: Path) -> Callable[[str], str]:
         return policy_file(tmp_path / f"policy{next(counter)}.py", body)
 
     return make
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount small tmpfs file systems (to fill them up); unmounted afterwards. Needs root."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], check=True
+        )
+        mounted.append(point)
+        return point
+
+    try:
+        yield mount
+    finally:
+        for point in reversed(mounted):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def fill(fs: Path) -> Path:
+    """Fill a file system to the last block; return the filler file to delete later."""
+    filler = fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            block = b"\0" * size
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler

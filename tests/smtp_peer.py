@@ -20,8 +20,8 @@ from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import Envelope, Session
 
 from kumopy.harness import wait_for
+from kumopy.ipc.jobs import JobResult
 from kumopy.smtp.sink import Sink, SinkOptions, record_from_json
-from kumopy.worker.jobs import JobResult
 
 __all__ = [
     "ROOT",

@@ -157,6 +157,8 @@ def test_metrics_endpoint_reports_per_source_counts(cluster, make_policy) -> Non
     text = wait_for(scrape, 30, "metrics to show 5 deliveries")
     assert 'kumopy_pool_picks_total{pool="p",source="a"} 5.0' in text
     assert 'kumopy_source_up{address="127.0.0.5",source="a"} 1.0' in text
+    assert "kumopy_log_write_failing 0.0" in text
+    assert "kumopy_log_unwritten_records 0.0" in text
 
 
 @pytest.mark.parametrize(

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from kumopy.config import QueueConfig
-from kumopy.coordinator.core import CoreSettings, QueueCore
+from kumopy.config import QueueConfig, queue_name
+from kumopy.coordinator.core import Core, CoreSettings
 from kumopy.coordinator.ingress import Ingress
 from kumopy.coordinator.logs import LogWriter
-from kumopy.coordinator.queues import next_retry_delay, queue_name
+from kumopy.coordinator.queues import next_retry_delay
 from kumopy.coordinator.spool import SpoolStore
 from kumopy.errors import SpoolError
 from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.ipc.jobs import DELIVERED, Job, JobResult, RecipientResult
 from kumopy.ipc.messages import Limits
 from kumopy.policy import load_policy
-from kumopy.worker.jobs import DELIVERED, Job, JobResult, RecipientResult
 
 POLICY = """
 from kumopy import kumo
@@ -37,20 +37,20 @@ def qc(domain, tenant, campaign, routing_domain):
 
 
 class Harness:
-    """A QueueCore with a real spool, fed through the real ingress code."""
+    """A Core with a real spool, fed through the real ingress code."""
 
     def __init__(self, tmp: Path, **settings: object) -> None:
         (tmp / "policy.py").write_text(POLICY)
         self.spool = SpoolStore(tmp / "spool", fsync=False, min_free_bytes=0)
         self.sent: dict[int, list[Job]] = {0: [], 1: [], 2: []}
-        self.core = QueueCore(
+        self.core = Core(
             load_policy(tmp / "policy.py"),
             self.spool,
             LogWriter(None),
             lambda src, jobs: self.sent[src].extend(jobs),
             CoreSettings(**settings),
         )  # type: ignore[arg-type]
-        self.ingress = Ingress(self.core, Limits(), lambda: {})
+        self.ingress = Ingress(self.core, Limits(), lambda request: {})
         self.a = self.core.source_index["a"]
         self.b = self.core.source_index["b"]
 
@@ -66,7 +66,7 @@ class Harness:
 
     def pump(self) -> None:
         """Dispatch until nothing moves (each call serves a queue at most `quantum`)."""
-        while self.core.dispatch(0.0):
+        while self.core.step(0.0):
             pass
 
     def deliver(self, src: int, count: int | None = None) -> int:
@@ -85,18 +85,20 @@ class Harness:
 
 def test_weights_hold_while_every_worker_is_busy(tmp_path: Path) -> None:
     h = Harness(tmp_path)
-    h.core.worker_ready(h.a, 1)
-    h.core.worker_ready(h.b, 1)
+    h.core.dispatcher.worker_ready(h.a, 1)
+    h.core.dispatcher.worker_ready(h.b, 1)
     h.inject(400)
     h.pump()
     # Each worker holds one job; the rest wait in the chosen source's backlog.
     assert len(h.sent[h.a]) == 1 and len(h.sent[h.b]) == 1
-    assert Counter({h.a: h.core.picks["p"][h.a], h.b: h.core.picks["p"][h.b]}) == {
+    assert Counter(
+        {h.a: h.core.dispatcher.rings["p"].picks[h.a], h.b: h.core.dispatcher.rings["p"].picks[h.b]}
+    ) == {
         h.a: 100,
         h.b: 300,
     }
     done = Counter[int]()
-    while h.core.inflight:
+    while h.core.dispatcher.dispatched:
         for src in (h.a, h.b):
             done[src] += h.deliver(src)
         h.pump()
@@ -105,33 +107,33 @@ def test_weights_hold_while_every_worker_is_busy(tmp_path: Path) -> None:
 
 def test_a_full_backlog_overflows_to_the_other_sources(tmp_path: Path) -> None:
     h = Harness(tmp_path, max_ready=2)
-    h.core.worker_ready(h.a, 1)
-    h.core.worker_ready(h.b, 1000)
+    h.core.dispatcher.worker_ready(h.a, 1)
+    h.core.dispatcher.worker_ready(h.b, 1000)
     h.inject(40)
     h.pump()
     # a never answers: it holds 1 job plus 2 in its backlog; b takes every other message.
-    assert len(h.sent[h.a]) == 1 and len(h.core.backlog[h.a]) == 2
+    assert len(h.sent[h.a]) == 1 and len(h.core.dispatcher.backlog[h.a]) == 2
     assert len(h.sent[h.b]) == 37
-    assert not h.core.mask.get(h.a) and h.core.mask.get(h.b)
+    assert not h.core.dispatcher.mask.get(h.a) and h.core.dispatcher.mask.get(h.b)
 
 
 def test_a_dead_worker_gives_back_its_jobs_and_backlog(tmp_path: Path) -> None:
     h = Harness(tmp_path)
-    h.core.worker_ready(h.a, 2)
-    h.core.worker_ready(h.b, 2)
+    h.core.dispatcher.worker_ready(h.a, 2)
+    h.core.dispatcher.worker_ready(h.b, 2)
     h.inject(20)
     h.pump()
-    held = len(h.sent[h.a]) + len(h.core.backlog[h.a])
+    held = len(h.sent[h.a]) + len(h.core.dispatcher.backlog[h.a])
     assert held == 5
-    assert h.core.worker_gone(h.a, failed=True) == 5
+    assert h.core.dispatcher.worker_gone(h.a, "boot failure") == 5
     h.sent[h.a].clear()
     h.pump()
-    assert len(h.core.backlog[h.a]) == 0  # nothing is picked for a dead source
-    while h.core.inflight:
+    assert len(h.core.dispatcher.backlog[h.a]) == 0  # nothing is picked for a dead source
+    while h.core.dispatcher.dispatched:
         h.deliver(h.b)
         h.pump()
-    assert h.core.delivered[h.b] == 20 and h.core.delivered[h.a] == 0
-    h.core.commit_outcomes(force=True)
+    assert h.core.dispatcher.delivered[h.b] == 20 and h.core.dispatcher.delivered[h.a] == 0
+    h.core.outcomes.commit(force=True)
     assert h.spool.count() == 0
 
 
@@ -166,15 +168,15 @@ def test_ingress_refuses_transiently_while_stopping_and_keeps_nothing(tmp_path: 
     header = decode_header(reply[1])
     assert header["ok"] is False and header["req"] == 9
     assert header["error"]["code"] == "shutting_down" and header["error"]["transient"] is True
-    assert h.spool.count() == 0 and not h.core.msgs
+    assert h.spool.count() == 0 and not h.core.book.msgs
 
 
 def test_outcomes_that_cannot_be_recorded_are_kept_and_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = Harness(tmp_path)
-    h.core.worker_ready(h.a, 10)
-    h.core.worker_ready(h.b, 10)
+    h.core.dispatcher.worker_ready(h.a, 10)
+    h.core.dispatcher.worker_ready(h.b, 10)
     h.inject(4)
     h.pump()
     real = h.spool.apply_outcomes
@@ -187,24 +189,24 @@ def test_outcomes_that_cannot_be_recorded_are_kept_and_retried(
     monkeypatch.setattr(h.spool, "apply_outcomes", failing)
     h.deliver(h.a)
     h.deliver(h.b)
-    h.core.commit_outcomes(force=True)
-    assert calls == [4] and h.core.outcomes_pending()
-    h.core.commit_outcomes()  # within the back-off: not tried again
+    h.core.outcomes.commit(force=True)
+    assert calls == [4] and h.core.outcomes.pending()
+    h.core.outcomes.commit()  # within the back-off: not tried again
     assert calls == [4]
     monkeypatch.setattr(h.spool, "apply_outcomes", real)
-    h.core.commit_outcomes(force=True)
-    assert not h.core.outcomes_pending() and h.spool.count() == 0
+    h.core.outcomes.commit(force=True)
+    assert not h.core.outcomes.pending() and h.spool.count() == 0
 
 
 def test_a_job_past_its_lease_goes_to_another_attempt(tmp_path: Path) -> None:
     h = Harness(tmp_path, lease=60.0)
-    h.core.worker_ready(h.a, 10)
-    h.core.worker_ready(h.b, 10)
+    h.core.dispatcher.worker_ready(h.a, 10)
+    h.core.dispatcher.worker_ready(h.b, 10)
     h.inject(4)
     h.pump()
     stale = list(h.sent[h.a]) + list(h.sent[h.b])
-    assert len(stale) == 4 and h.core.expire_leases(59.0) == 0
-    assert h.core.expire_leases(61.0) == 4 and h.core.requeued == 4
+    assert len(stale) == 4 and h.core.dispatcher.expire_leases(59.0, 60.0) == 0
+    assert h.core.dispatcher.expire_leases(61.0, 60.0) == 4 and h.core.dispatcher.requeued == 4
     h.sent = {0: [], 1: [], 2: []}
     h.pump()
     assert sum(len(v) for v in h.sent.values()) == 4  # sent again, with new job ids
@@ -216,19 +218,19 @@ def test_a_job_past_its_lease_goes_to_another_attempt(tmp_path: Path) -> None:
         for j in stale
     ]
     h.core.handle_results(h.a, late, 0.0)
-    assert h.core.delivered == [0, 0, 0]
+    assert h.core.dispatcher.delivered == [0, 0, 0]
     h.deliver(h.a)
     h.deliver(h.b)
-    assert sum(h.core.delivered) == 4 and not h.core.inflight
+    assert sum(h.core.dispatcher.delivered) == 4 and not h.core.dispatcher.dispatched
 
 
 def test_bodies_past_the_cache_budget_are_read_back_from_the_spool(tmp_path: Path) -> None:
     h = Harness(tmp_path, body_cache_bytes=10)  # room for two 4-byte bodies
-    h.core.worker_ready(h.a, 10)
-    h.core.worker_ready(h.b, 10)
+    h.core.dispatcher.worker_ready(h.a, 10)
+    h.core.dispatcher.worker_ready(h.b, 10)
     h.inject(5)
-    assert h.core.cached_bytes == 8
-    assert sum(m.data is None for m in h.core.msgs.values()) == 3
+    assert h.core.book.cached_bytes == 8
+    assert sum(m.data is None for m in h.core.book.msgs.values()) == 3
     h.pump()
     jobs = [j for v in h.sent.values() for j in v]
     assert len(jobs) == 5 and all(bytes(j.data) == b"hi\r\n" for j in jobs)
@@ -236,16 +238,16 @@ def test_bodies_past_the_cache_budget_are_read_back_from_the_spool(tmp_path: Pat
 
 def test_a_small_queue_is_not_buried_behind_a_bulk_one(tmp_path: Path) -> None:
     h = Harness(tmp_path, max_ready=50)
-    h.core.worker_ready(h.a, 10)
-    h.core.worker_ready(h.b, 10)
+    h.core.dispatcher.worker_ready(h.a, 10)
+    h.core.dispatcher.worker_ready(h.b, 10)
     h.inject(5000, "bulk.test")
     h.inject(5, "small.test")
-    h.core.dispatch(0.0)  # one turn: each queue gets at most a quantum
+    h.core.step(0.0)  # one turn: each queue gets at most a quantum
     sent = [r for jobs in h.sent.values() for j in jobs for r in j.recipients]
-    waiting = [i.msg.env.recipients[0] for b in h.core.backlog for i in b]
+    waiting = [i.msg.env.recipients[0] for b in h.core.dispatcher.backlog for i in b]
     small = [r for r in sent + waiting if r.endswith("@small.test")]
     assert len(small) == 5  # all picked in the first turn, though 5000 bulk came first
-    assert len(h.core.queues["bulk.test"].ready) == 5000 - 32
+    assert len(h.core.book.queues["bulk.test"].ready) == 5000 - 32
 
 
 def test_injection_ids_are_forgotten_after_the_dedup_window(tmp_path: Path) -> None:

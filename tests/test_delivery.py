@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from kumopy.config import EgressSource
+from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult
 from kumopy.smtp.client import END_OF_DATA, Timeouts
 from kumopy.worker.delivery import Deliverer
-from kumopy.worker.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult
 from tests.smtp_peer import AiosmtpdPeer, refusing_port, run_deliverer, running_sink
 
 BODY = b"Subject: delivery test\n\nhello\n.dot line\n"

@@ -7,6 +7,7 @@ import pytest
 
 from kumopy.errors import InjectionError, ProtocolError
 from kumopy.ipc.framing import PROTOCOL_VERSION, decode_header, encode_header, error_reply
+from kumopy.ipc.jobs import Job, JobResult, RecipientResult
 from kumopy.ipc.messages import (
     InboundMessage,
     Limits,
@@ -16,7 +17,6 @@ from kumopy.ipc.messages import (
     encode_results,
     parse_inject,
 )
-from kumopy.worker.jobs import Job, JobResult, RecipientResult
 
 
 def test_header_round_trip() -> None:
@@ -102,6 +102,39 @@ def test_parse_inject_rejects_each_bad_message_alone(message: object, reason: st
     assert isinstance(out[0], InboundMessage) and isinstance(out[2], InboundMessage)
     assert isinstance(out[1], InjectionError)
     assert reason in str(out[1])
+
+
+def test_parse_inject_takes_quoted_local_parts_as_given() -> None:
+    rcpts = ['"john smith"@y.test', '"a\\"b"@y.test', "plain@y.test"]
+    header = _inject(
+        [
+            {"sender": '"s s"@x.test', "recipients": rcpts, "data": b"x"},
+            {"sender": "a@x.test", "recipients": ["ok@y.test", '"@y.test'], "data": b"x"},
+            {"sender": ".a@x.test", "recipients": ["ok@y.test"], "data": b"x"},
+        ]
+    )
+    good, unterminated, empty_atom = parse_inject(header, [b"h"], Limits())
+    assert isinstance(good, InboundMessage)
+    assert good.sender == '"s s"@x.test' and good.recipients == rcpts
+    assert isinstance(unterminated, InjectionError)
+    assert str(unterminated).startswith("recipients[1] '\"@y.test': unterminated quoted")
+    assert isinstance(empty_atom, InjectionError)
+    assert "sender '.a@x.test': empty atom" in str(empty_atom)
+
+
+def test_parse_inject_refuses_lines_over_998_octets() -> None:
+    head = b"Subject: x\r\n\r\n"
+    ok, long = head + b"y" * 998 + b"\r\n", head + b"y" * 999 + b"\n"
+    msg = {"sender": "a@x.test", "recipients": ["b@y.test"]}
+    header = _inject([{**msg, "data": 1}, {**msg, "data": long}, {**msg, "data": 2}])
+    out = parse_inject(header, [b"h", memoryview(long), ok], Limits())
+    assert isinstance(out[0], InjectionError) and isinstance(out[1], InjectionError)
+    for refused in out[:2]:
+        assert "message line 3 is 999 octets long; RFC 5322 allows at most 998" in str(refused)
+    assert isinstance(out[2], InboundMessage) and bytes(out[2].data) == ok
+    # The size limit is checked first: a body both too big and long-lined is "too big".
+    (too_big,) = parse_inject(_inject([{**msg, "data": long}]), [b"h"], Limits(500))
+    assert "exceeds the 500-byte limit" in str(too_big)
 
 
 def test_parse_inject_request_level_errors() -> None:

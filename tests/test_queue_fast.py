@@ -107,7 +107,7 @@ def test_ledger_starts_ineligible(fast_impl: FastImpl) -> None:
     assert [mask.get(s) for s in range(3)] == [False, False, False]
     assert [ledger.credit(s) for s in range(3)] == [0, 0, 0]
     assert [ledger.available(s) for s in range(3)] == [0, 0, 0]
-    assert ledger.total_inflight() == 0
+    assert ledger.total_assigned() == 0
 
 
 def test_ledger_credit_take_release(fast_impl: FastImpl) -> None:
@@ -126,17 +126,17 @@ def test_ledger_credit_take_release(fast_impl: FastImpl) -> None:
         ledger.take(1)
     with pytest.raises(RuntimeError):
         ledger.take(0)
-    assert ledger.inflight(1) == 2
-    assert ledger.total_inflight() == 2
+    assert ledger.assigned(1) == 2
+    assert ledger.total_assigned() == 2
     ledger.release(1)
     assert mask.get(1) is True
-    assert ledger.inflight(1) == 1
+    assert ledger.assigned(1) == 1
     with pytest.raises(ValueError):
         ledger.release(1, 2)
     with pytest.raises(ValueError):
         ledger.release(1, -1)
     ledger.release(1, 1)
-    assert ledger.total_inflight() == 0
+    assert ledger.total_assigned() == 0
     with pytest.raises(ValueError):
         ledger.release(1)
     with pytest.raises(ValueError):
@@ -156,7 +156,7 @@ def test_ledger_suspend_and_lower_credit(fast_impl: FastImpl) -> None:
     ledger.set_suspended(0, False)
     assert mask.get(0) is True
     assert ledger.available(0) == 3
-    # The worker announced less credit than is in flight: nothing more until it drains.
+    # The worker announced less credit than is assigned: nothing more until it drains.
     ledger.set_credit(0, 1)
     assert mask.get(0) is False
     assert ledger.available(0) == 0
@@ -175,11 +175,11 @@ def test_ledger_worker_death(fast_impl: FastImpl) -> None:
         ledger.take(0)
     ledger.take(1)
     ledger.set_credit(0, 0)
-    assert ledger.reset_inflight(0) == 3
-    assert ledger.inflight(0) == 0
-    assert ledger.total_inflight() == 1
+    assert ledger.reset_assigned(0) == 3
+    assert ledger.assigned(0) == 0
+    assert ledger.total_assigned() == 1
     assert mask.get(0) is False
-    assert ledger.reset_inflight(0) == 0
+    assert ledger.reset_assigned(0) == 0
 
 
 def test_ledger_index_errors(fast_impl: FastImpl) -> None:
@@ -194,9 +194,9 @@ def test_ledger_index_errors(fast_impl: FastImpl) -> None:
         with pytest.raises(IndexError):
             ledger.release(bad)
         with pytest.raises(IndexError):
-            ledger.reset_inflight(bad)
+            ledger.reset_assigned(bad)
         with pytest.raises(IndexError):
-            ledger.inflight(bad)
+            ledger.assigned(bad)
         with pytest.raises(IndexError):
             ledger.credit(bad)
         with pytest.raises(IndexError):
@@ -236,14 +236,14 @@ def test_ledger_keeps_mask_in_step_under_random_operations(fast_impl: FastImpl) 
                 with pytest.raises(ValueError):
                     ledger.release(s, n)
         elif op == 4:
-            assert ledger.reset_inflight(s) == inflight[s]
+            assert ledger.reset_assigned(s) == inflight[s]
             inflight[s] = 0
         else:
             assert ledger.available(s) == (0 if suspended[s] else max(0, credit[s] - inflight[s]))
         for t in range(size):
             assert mask.get(t) == (not suspended[t] and inflight[t] < credit[t])
-        assert ledger.total_inflight() == sum(inflight)
-        assert ledger.inflight(s) == inflight[s]
+        assert ledger.total_assigned() == sum(inflight)
+        assert ledger.assigned(s) == inflight[s]
         assert ledger.credit(s) == credit[s]
 
 
@@ -259,12 +259,12 @@ def test_selector_over_ledger_never_oversends(fast_impl: FastImpl) -> None:
     for _ in range(20_000):
         source = sel.pick()
         if source < 0:
-            assert ledger.total_inflight() == 14
+            assert ledger.total_assigned() == 14
         else:
             ledger.take(source)
             sent[source] += 1
         # Results come back for one source at a time.
         done = rng.randrange(4)
-        if ledger.inflight(done) and rng.random() < 0.5:
-            ledger.release(done, rng.randint(1, ledger.inflight(done)))
+        if ledger.assigned(done) and rng.random() < 0.5:
+            ledger.release(done, rng.randint(1, ledger.assigned(done)))
     assert all(n > 1000 for n in sent)

@@ -128,12 +128,12 @@ cdef class DueQueue:
 
 @cython.final
 cdef class Ledger:
-    """Per-source credit and in-flight accounting that keeps a SourceMask in step."""
+    """Per-source credit and assigned-job accounting that keeps a SourceMask in step."""
 
     cdef object _mask_set
     cdef Py_ssize_t _size
     cdef long long* _credit
-    cdef long long* _inflight
+    cdef long long* _assigned
     cdef unsigned char* _suspended
     cdef long long _total
 
@@ -141,12 +141,12 @@ cdef class Ledger:
         cdef Py_ssize_t size = len(mask)
         cdef size_t cells = <size_t>size + 1
         self._credit = <long long*>PyMem_Malloc(cells * sizeof(long long))
-        self._inflight = <long long*>PyMem_Malloc(cells * sizeof(long long))
+        self._assigned = <long long*>PyMem_Malloc(cells * sizeof(long long))
         self._suspended = <unsigned char*>PyMem_Malloc(cells)
-        if self._credit == NULL or self._inflight == NULL or self._suspended == NULL:
+        if self._credit == NULL or self._assigned == NULL or self._suspended == NULL:
             raise MemoryError()
         memset(self._credit, 0, cells * sizeof(long long))
-        memset(self._inflight, 0, cells * sizeof(long long))
+        memset(self._assigned, 0, cells * sizeof(long long))
         memset(self._suspended, 0, cells)
         self._size = size
         self._total = 0
@@ -158,7 +158,7 @@ cdef class Ledger:
 
     def __dealloc__(self):
         PyMem_Free(self._credit)
-        PyMem_Free(self._inflight)
+        PyMem_Free(self._assigned)
         PyMem_Free(self._suspended)
 
     cdef inline int _check(self, Py_ssize_t source) except -1:
@@ -168,7 +168,7 @@ cdef class Ledger:
 
     cdef inline int _update(self, Py_ssize_t source) except -1:
         cdef bint eligible = (
-            not self._suspended[source] and self._inflight[source] < self._credit[source]
+            not self._suspended[source] and self._assigned[source] < self._credit[source]
         )
         self._mask_set(source, eligible)
         return 0
@@ -190,39 +190,39 @@ cdef class Ledger:
     def take(self, Py_ssize_t source):
         """Count one job dispatched to `source`."""
         self._check(source)
-        cdef long long inflight = self._inflight[source]
-        if inflight >= self._credit[source]:
+        cdef long long count = self._assigned[source]
+        if count >= self._credit[source]:
             raise RuntimeError(
                 f"source {source} has no credit left "
-                f"({inflight} in flight, credit {self._credit[source]})"
+                f"({count} assigned, credit {self._credit[source]})"
             )
-        self._inflight[source] = inflight + 1
+        self._assigned[source] = count + 1
         self._total += 1
         self._update(source)
 
     def release(self, Py_ssize_t source, long long n=1):
         """Count `n` jobs of `source` as finished."""
         self._check(source)
-        cdef long long inflight = self._inflight[source]
-        if n < 0 or n > inflight:
-            raise ValueError(f"cannot release {n} jobs of source {source}: {inflight} in flight")
-        self._inflight[source] = inflight - n
+        cdef long long count = self._assigned[source]
+        if n < 0 or n > count:
+            raise ValueError(f"cannot release {n} jobs of source {source}: {count} assigned")
+        self._assigned[source] = count - n
         self._total -= n
         self._update(source)
 
-    def reset_inflight(self, Py_ssize_t source):
-        """Forget the in-flight jobs of `source` (its worker died); return how many there were."""
+    def reset_assigned(self, Py_ssize_t source):
+        """Forget the jobs assigned to `source` (its worker died); return how many there were."""
         self._check(source)
-        cdef long long inflight = self._inflight[source]
-        self._inflight[source] = 0
-        self._total -= inflight
+        cdef long long count = self._assigned[source]
+        self._assigned[source] = 0
+        self._total -= count
         self._update(source)
-        return inflight
+        return count
 
-    def inflight(self, Py_ssize_t source):
-        """Return the number of jobs of `source` in flight."""
+    def assigned(self, Py_ssize_t source):
+        """Return the number of jobs of `source` assigned."""
         self._check(source)
-        return self._inflight[source]
+        return self._assigned[source]
 
     def credit(self, Py_ssize_t source):
         """Return the credit last announced for `source`."""
@@ -234,12 +234,12 @@ cdef class Ledger:
         self._check(source)
         if self._suspended[source]:
             return 0
-        cdef long long left = self._credit[source] - self._inflight[source]
+        cdef long long left = self._credit[source] - self._assigned[source]
         return left if left > 0 else 0
 
-    def total_inflight(self):
-        """Return the number of jobs in flight over all sources."""
+    def total_assigned(self):
+        """Return the number of jobs assigned over all sources."""
         return self._total
 
     def __repr__(self):
-        return f"<Ledger sources={self._size} inflight={self._total}>"
+        return f"<Ledger sources={self._size} assigned={self._total}>"

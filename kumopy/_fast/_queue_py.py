@@ -60,15 +60,15 @@ class DueQueue:
 
 
 class Ledger:
-    """Per-source credit and in-flight accounting that keeps a SourceMask in step."""
+    """Per-source credit and assigned-job accounting that keeps a SourceMask in step."""
 
-    __slots__ = ("_credit", "_inflight", "_mask", "_suspended", "_total")
+    __slots__ = ("_assigned", "_credit", "_mask", "_suspended", "_total")
 
     def __init__(self, mask: SourceMask) -> None:
         size = len(mask)
         self._mask = mask
         self._credit = [0] * size
-        self._inflight = [0] * size
+        self._assigned = [0] * size
         self._suspended = [False] * size
         self._total = 0
         for source in range(size):
@@ -82,7 +82,7 @@ class Ledger:
     def _update(self, source: int) -> None:
         self._mask.set(
             source,
-            not self._suspended[source] and self._inflight[source] < self._credit[source],
+            not self._suspended[source] and self._assigned[source] < self._credit[source],
         )
 
     def set_credit(self, source: int, credit: int) -> None:
@@ -103,13 +103,13 @@ class Ledger:
     def take(self, source: int) -> None:
         """Count one job dispatched to `source`."""
         self._check(source)
-        inflight = self._inflight[source]
-        if inflight >= self._credit[source]:
+        count = self._assigned[source]
+        if count >= self._credit[source]:
             raise RuntimeError(
                 f"source {source} has no credit left "
-                f"({inflight} in flight, credit {self._credit[source]})"
+                f"({count} assigned, credit {self._credit[source]})"
             )
-        self._inflight[source] = inflight + 1
+        self._assigned[source] = count + 1
         self._total += 1
         self._update(source)
 
@@ -117,26 +117,26 @@ class Ledger:
         """Count `n` jobs of `source` as finished."""
         self._check(source)
         n = operator.index(n)
-        inflight = self._inflight[source]
-        if n < 0 or n > inflight:
-            raise ValueError(f"cannot release {n} jobs of source {source}: {inflight} in flight")
-        self._inflight[source] = inflight - n
+        count = self._assigned[source]
+        if n < 0 or n > count:
+            raise ValueError(f"cannot release {n} jobs of source {source}: {count} assigned")
+        self._assigned[source] = count - n
         self._total -= n
         self._update(source)
 
-    def reset_inflight(self, source: int) -> int:
-        """Forget the in-flight jobs of `source` (its worker died); return how many there were."""
+    def reset_assigned(self, source: int) -> int:
+        """Forget the jobs assigned to `source` (its worker died); return how many there were."""
         self._check(source)
-        inflight = self._inflight[source]
-        self._inflight[source] = 0
-        self._total -= inflight
+        count = self._assigned[source]
+        self._assigned[source] = 0
+        self._total -= count
         self._update(source)
-        return inflight
+        return count
 
-    def inflight(self, source: int) -> int:
-        """Return the number of jobs of `source` in flight."""
+    def assigned(self, source: int) -> int:
+        """Return the number of jobs of `source` assigned."""
         self._check(source)
-        return self._inflight[source]
+        return self._assigned[source]
 
     def credit(self, source: int) -> int:
         """Return the credit last announced for `source`."""
@@ -148,11 +148,11 @@ class Ledger:
         self._check(source)
         if self._suspended[source]:
             return 0
-        return max(0, self._credit[source] - self._inflight[source])
+        return max(0, self._credit[source] - self._assigned[source])
 
-    def total_inflight(self) -> int:
-        """Return the number of jobs in flight over all sources."""
+    def total_assigned(self) -> int:
+        """Return the number of jobs assigned over all sources."""
         return self._total
 
     def __repr__(self) -> str:
-        return f"<Ledger sources={len(self._credit)} inflight={self._total}>"
+        return f"<Ledger sources={len(self._credit)} assigned={self._total}>"

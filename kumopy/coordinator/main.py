@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -20,18 +21,16 @@ import zmq
 from kumopy import sdnotify
 from kumopy._fast import IMPLEMENTATION
 from kumopy.coordinator.arbiter import Arbiter, WorkerSlot
-from kumopy.coordinator.core import CoreSettings, QueueCore
+from kumopy.coordinator.core import Core, CoreSettings
 from kumopy.coordinator.ingress import Ingress
 from kumopy.coordinator.logs import LogWriter
-from kumopy.coordinator.queues import Msg
 from kumopy.coordinator.spool import SpoolStore
 from kumopy.errors import ConfigError, KumoError, PolicyError, ProtocolError
-from kumopy.ipc.framing import decode_header, encode_header, error_reply
+from kumopy.ipc.framing import MAX_HEADER_BYTES, decode_header, encode_header
+from kumopy.ipc.jobs import Job
 from kumopy.ipc.messages import Limits, decode_results, encode_jobs
 from kumopy.metrics import MetricsExporter
 from kumopy.policy import Policy, load_policy
-from kumopy.smtp.wire import domain_of
-from kumopy.worker.jobs import Job
 
 __all__ = ["DEFAULT_ENDPOINT", "Coordinator", "RunOptions", "check_listen_endpoint"]
 
@@ -39,6 +38,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:2025"
 _INGRESS_BATCH = 256
+_INGRESS_FRAMES = 4096
+_UNLOGGED = "unlogged.jsonl"
+"""Log records that could not be written at shutdown, kept beside the spool for the next start."""
+
+
+def _bounded_int(value: Any, default: int, top: int) -> int:
+    """Return value as an int in 0..top, or default when it is not a non-negative int."""
+    if type(value) is not int or value < 0:
+        return default
+    return min(value, top)
 
 
 @dataclass(slots=True)
@@ -47,6 +56,8 @@ class RunOptions:
 
     listen: str = DEFAULT_ENDPOINT
     spool_dir: str = "var/spool"
+    start_empty: bool = False
+    """Move an empty or unreadable spool.db to quarantine and start with an empty spool."""
     log_dir: str | None = "var/log"
     log_max_bytes: int = 256 * 1024 * 1024
     fsync: bool = True
@@ -97,10 +108,14 @@ class Coordinator:
         self.sources_files = list(sources_files)
         self.reloads = {"ok": 0, "failed": 0}
         self.spool = SpoolStore(
-            options.spool_dir, fsync=options.fsync, min_free_bytes=options.min_free_bytes
+            options.spool_dir,
+            fsync=options.fsync,
+            min_free_bytes=options.min_free_bytes,
+            start_empty=options.start_empty,
         )
         self.logs = LogWriter(options.log_dir, max_bytes=options.log_max_bytes)
-        self.core = QueueCore(policy, self.spool, self.logs, self._send_jobs, options.core)
+        self._restore_unlogged()
+        self.core = Core(policy, self.spool, self.logs, self._send_jobs, options.core)
         self.ingress_handler = Ingress(self.core, options.limits, self.status)
         self.ctx = zmq.Context()
         self.run_dir = tempfile.mkdtemp(prefix="kumopy-")
@@ -110,6 +125,11 @@ class Coordinator:
         self.workers.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.workers.bind(self.worker_endpoint)
         self.ingress = self._socket(zmq.ROUTER)
+        # ZeroMQ drops a peer whose frame declares more than this, before buffering it: a
+        # body somewhat past --max-message-size still gets a clear error, a giant never lands.
+        self.ingress.setsockopt(
+            zmq.MAXMSGSIZE, 2 * max(options.limits.max_message_size, MAX_HEADER_BYTES)
+        )
         self.ingress.bind(options.listen)
         self.endpoint = self.ingress.getsockopt_string(zmq.LAST_ENDPOINT)
         args = ["--credit", str(options.credit), *options.worker_args]
@@ -185,14 +205,9 @@ class Coordinator:
         now = time.time()
         n = 0
         for rec in self.spool.recover():
-            env = rec.env
-            # All recipients of a spooled message share its domain (ingress splits by domain).
-            q = self.core.queue_for(
-                domain_of(env.recipients[0]), env.meta.get("tenant"), env.meta.get("campaign")
+            self.core.enqueue(
+                rec.msg_id, rec.env, rec.size, now, attempts=rec.attempts, due=rec.due
             )
-            env.queue = q.name
-            msg = Msg(self.core.new_handle(), rec.msg_id, env, rec.size, rec.attempts, rec.due)
-            self.core.add(msg, now)
             n += 1
         self.core.recovered = n
         if n:
@@ -223,18 +238,16 @@ class Coordinator:
                 if self.ingress in events:
                     self._read_ingress()
                 now = time.time()
-                self.core.promote_due(now)
-                # Spin without sleeping only while dispatch makes progress and work remains.
+                # Spin without sleeping only while a turn used its whole budget: work remains.
                 busy = False
                 if not self.stopping:
-                    busy = self.core.dispatch(now) > 0 and bool(self.core.active)
-                self.core.commit_outcomes()
+                    busy = self.core.step(now) >= self.options.core.dispatch_budget
+                self.core.outcomes.commit()
                 mono = time.monotonic()
                 if mono - last_tick >= 0.2:
                     last_tick = mono
                     self.arbiter.tick()
-                    self.core.expire_leases(now)
-                    self.core.resume_suspended(now)
+                    self.core.tick(now)
                     if mono - last_prune >= 60.0:
                         last_prune = mono
                         self.spool.prune_client_ids(now - self.options.dedup_window)
@@ -258,32 +271,27 @@ class Coordinator:
         return 0
 
     def _poll_timeout(self, now: float) -> int:
-        nxt = self.core.due.next_due()
+        nxt = self.core.book.due.next_due()
         wait = min(0.2, max(0.0, nxt - now))
-        if self.core.outcomes_pending():
+        if self.core.outcomes.pending():
             wait = min(wait, self.core.settings.outcome_delay)
         return int(wait * 1000) + (1 if wait > 0 else 0)
 
     # -- sockets -----------------------------------------------------------------------------
     def _read_ingress(self) -> None:
-        batch = []
-        for _ in range(_INGRESS_BATCH):
+        batch: list[list[zmq.Frame]] = []
+        frames_read = 0
+        # Bounded per turn, so that workers' heartbeats and other clients are served while a
+        # flood of requests is spooled (each request's expansion is bounded by Limits).
+        while len(batch) < _INGRESS_BATCH and frames_read < _INGRESS_FRAMES:
             try:
-                batch.append(self.ingress.recv_multipart(zmq.NOBLOCK, copy=False))
+                frames = self.ingress.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-        try:
-            replies = self.ingress_handler.handle_batch(batch)
-        except Exception:
-            # A bug must not take the coordinator down: isolate the request that triggers it.
-            log.exception("ingress batch failed; retrying its %d requests one by one", len(batch))
-            replies = []
-            for frames in batch:
-                try:
-                    replies.extend(self.ingress_handler.handle_batch([frames]))
-                except Exception as exc:
-                    log.exception("request refused after an internal error")
-                    replies.append([frames[0], error_reply(None, f"internal error: {exc}")])
+            batch.append(frames)
+            frames_read += len(frames)
+        replies = self.ingress_handler.handle_batch(batch)
+        del batch
         for reply in replies:
             try:
                 self.ingress.send_multipart(reply, zmq.NOBLOCK)
@@ -322,13 +330,13 @@ class Coordinator:
                 header.get("pid"),
                 credit,
             )
-            self.core.worker_ready(src, credit)
+            self.core.dispatcher.worker_ready(src, credit)
             self._ready_seen.add(src)
             self._maybe_announce_ready()
         elif kind == "heartbeat":
             pass
         elif kind == "bye":
-            self.core.worker_stopping(src)
+            self.core.dispatcher.worker_stopping(src)
         else:
             raise ProtocolError(f"unknown worker message kind {kind!r}")
 
@@ -357,21 +365,59 @@ class Coordinator:
             log.warning(
                 "worker %s unreachable (%s); requeueing %d jobs", name.decode(), exc, len(jobs)
             )
-            self.core.worker_gone(src, failed=False)
+            self.core.dispatcher.worker_gone(src, None)
+
+    def _restore_unlogged(self) -> None:
+        """Put back log records an earlier run could not write; they go out first."""
+        path = Path(self.options.spool_dir) / _UNLOGGED
+        if path.exists():
+            data = path.read_bytes()
+            self.logs.restore(data)
+            if self.logs.flush():
+                path.unlink()
+                log.warning("wrote %d log records kept from the last run", data.count(b"\n"))
+
+    def _keep_unlogged(self) -> None:
+        """Keep log records that could not be written next to the spool, for the next start."""
+        data = self.logs.take_unwritten()
+        if not data:
+            return
+        path = Path(self.options.spool_dir) / _UNLOGGED
+        try:
+            with open(path, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            log.critical(
+                "%d log records could neither be written nor kept (%s); they are lost",
+                data.count(b"\n"),
+                exc,
+            )
+            return
+        log.error("kept %d unwritten log records in %s for the next start", data.count(b"\n"), path)
 
     def _worker_exited(self, slot: WorkerSlot, reason: str) -> None:
         self._ready_seen.discard(slot.index)
-        self.core.worker_gone(slot.index, failed=slot.failed is not None)
+        self.core.dispatcher.worker_gone(slot.index, slot.failed)
         self._maybe_announce_ready()
 
-    def status(self) -> dict[str, Any]:
-        """Return the queue counters plus each worker's pid and failure, if any."""
-        st = self.core.status()
+    def status(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Return the queue counters plus each worker's pid and failure, if any.
+
+        Only the largest queues are listed (`queues_limit`, default 50, from `queues_offset`):
+        a host with a million queues must not answer with a reply of hundreds of megabytes.
+        """
+        request = request or {}
+        limit = _bounded_int(request.get("queues_limit"), 50, 10_000)
+        offset = _bounded_int(request.get("queues_offset"), 0, 2**31)
+        st = self.core.status(limit, offset)
         st["workers"] = {s.source.name: s.pid for s in self.arbiter.slots}
         st["failures"] = {s.source.name: s.failed for s in self.arbiter.slots if s.failed}
         st["spool"] = {
             "accepted": self.ingress_handler.accepted,
             "rejected": self.ingress_handler.rejected,
+            "salvage": self.spool.salvage,
         }
         st["reloads"] = dict(self.reloads)
         st["fast_impl"] = IMPLEMENTATION
@@ -400,11 +446,9 @@ class Coordinator:
             if not self.arbiter.wait_all(time.monotonic() + 5):
                 self.arbiter.terminate_all(signal.SIGKILL)
                 self.arbiter.wait_all(time.monotonic() + 5)
-        try:
-            self.core.commit_outcomes(force=True)
-        except KumoError as exc:
-            log.error("final spool update failed: %s", exc)
+        self.core.outcomes.commit(force=True)
         self.logs.close()
+        self._keep_unlogged()
         self.spool.close()
         if self.metrics is not None:
             self.metrics.close()

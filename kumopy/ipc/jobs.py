@@ -1,4 +1,4 @@
-"""The unit of work a worker receives from the coordinator, and what it sends back."""
+"""The unit of work the coordinator sends a worker, and the result the worker sends back."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from kumopy.errors import InjectionError, ProtocolError
 from kumopy.ipc.framing import body_frame, encode_header
-from kumopy.smtp.wire import validate_address
-from kumopy.worker.jobs import Job, JobResult, RecipientResult
+from kumopy.ipc.jobs import Job, JobResult, RecipientResult
+from kumopy.smtp.wire import check_line_length, validate_address
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -40,6 +40,8 @@ class Limits:
     """Most meta keys one message may carry."""
     max_id_length: int = 200
     """Longest client-supplied de-duplication id."""
+    max_expansion: int = 10_000
+    """Most spooled messages one request may become (one per message and recipient domain)."""
 
 
 @dataclass(slots=True)
@@ -108,6 +110,8 @@ def _parse_one(item: Any, frames: Sequence[Any], limits: Limits) -> InboundMessa
         raise InjectionError(
             f"message of {len(data)} bytes exceeds the {limits.max_message_size}-byte limit"
         )
+    # Refused, not folded: folding would silently break the DKIM body hash of signed mail.
+    check_line_length(data)
     client_id = item.get("id")
     if client_id is not None and (
         not isinstance(client_id, str) or not client_id or len(client_id) > limits.max_id_length
@@ -135,6 +139,9 @@ def parse_inject(
         try:
             out.append(_parse_one(item, frames, limits))
         except InjectionError as exc:
+            # Its traceback would keep this frame, and so every body frame, alive in a cycle
+            # until the cycle collector runs: a refused giant body must be freed at once.
+            exc.__traceback__ = None
             out.append(exc)
     return out
 

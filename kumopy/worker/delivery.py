@@ -13,10 +13,10 @@ from typing import Any
 
 from kumopy.config import EgressSource
 from kumopy.errors import DeliveryError, InjectionError, SMTPReplyError, SourceBindError
+from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, RecipientResult
 from kumopy.smtp.client import SMTPClient, Timeouts
 from kumopy.smtp.replies import Reply, synthesized
 from kumopy.smtp.wire import encode_data, wire_address
-from kumopy.worker.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, RecipientResult
 
 __all__ = ["Deliverer"]
 
@@ -129,6 +129,8 @@ class Deliverer:
         """Jobs submitted and not yet reported, by id(job): each gets exactly one result."""
         self._inflight: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clients: set[SMTPClient] = set()
+        """Open sessions, so that abandon() can reset them all."""
         self._draining = False
         self._bind_failures = 0
 
@@ -176,6 +178,14 @@ class Deliverer:
         for key, job in list(self._pending.items()):
             dup = key in self._inflight
             self._fail_job(job, "kumopy: worker stopped before the delivery finished", dup)
+
+    def abandon(self) -> int:
+        """Arm a TCP reset on every open session, for an exit right after; return how many."""
+        self._draining = True
+        clients = list(self._clients)
+        for client in clients:
+            client.arm_reset()
+        return len(clients)
 
     def stats(self) -> dict[str, Any]:
         """Return counts per site and totals: connections, queued, in flight, outcomes."""
@@ -283,6 +293,7 @@ class Deliverer:
         if opened is None:
             return
         client, peer_name = opened
+        self._clients.add(client)
         site.open += 1
         site.opened += 1
         ahead: _Prepared | None = None
@@ -308,6 +319,7 @@ class Deliverer:
                 if not client.usable:
                     break
         finally:
+            self._clients.discard(client)
             site.open -= 1
             if ahead is not None and id(ahead.job) in self._pending:
                 # Only its envelope went out, never its body: safe to hand to another connection.

@@ -20,9 +20,9 @@ import zmq.asyncio
 from kumopy.config import EgressSource
 from kumopy.errors import KumoError
 from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.ipc.jobs import JobResult
 from kumopy.ipc.messages import decode_jobs, encode_results
 from kumopy.worker.delivery import Deliverer
-from kumopy.worker.jobs import JobResult
 
 __all__ = ["WorkerProcess", "check_source_address", "decode_definition", "run_worker"]
 
@@ -124,19 +124,35 @@ class WorkerProcess:
             except KumoError as exc:
                 log.error("bad message from the coordinator: %s", exc)
 
+    def _on_term(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drain on a stop from the coordinator; quit at once when the coordinator is gone."""
+        if os.getppid() != self.parent_pid:
+            self._orphaned()
+        loop.call_soon_threadsafe(self.stopping.set)
+
+    def _orphaned(self) -> None:
+        # Nobody will record what this worker does from now on, and every job it holds stays
+        # in the spool for the next coordinator: any delivery finished now would be sent twice.
+        # So start nothing more, and reset open sessions so that unsent bodies never arrive.
+        # Safe in a signal handler: it only sets socket options and writes to stderr.
+        reset = self.deliverer.abandon()
+        os.write(2, b"kumopy worker: coordinator is gone; reset %d SMTP sessions\n" % reset)
+        os._exit(0)
+
     async def _heartbeat(self) -> None:
         while not self.stopping.is_set():
             await asyncio.sleep(HEARTBEAT)
             if os.getppid() != self.parent_pid:
-                log.warning("coordinator (pid %d) is gone; exiting", self.parent_pid)
-                os._exit(0)  # in-flight jobs stay in the coordinator's spool
+                self._orphaned()  # PDEATHSIG missed (prctl unavailable): found by polling
             await self.sock.send(encode_header("heartbeat", stats=self.deliverer.stats()))
 
     async def run(self) -> int:
         """Say Ready, then work until told to stop; return the exit code."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        # Plain signal handlers, not the loop's: they run at the next bytecode, not after the
+        # loop's current callbacks, so an orphan stops before it starts another transaction.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self._on_term(loop))
         self.sock.connect(self.endpoint)
         await self.sock.send(encode_header("ready", credit=self.credit, pid=os.getpid()))
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
