@@ -219,7 +219,7 @@ class Core:
             "delayed": len(book.due),
             "requeued": d.requeued,
             "recovered": self.recovered,
-            "ready": book.ready_count(),
+            "ready": d.ready_count(),
             "paused": d.paused,
             "records": dict(self.logs.counts),
             "log": self.logs.state(),

@@ -48,7 +48,6 @@ class PoolRing:
     name: str
     selector: SmoothSelector
     queues: deque[SchedQueue] = field(default_factory=deque)
-    members: set[str] = field(default_factory=set)
     picks: list[int] = field(default_factory=list)
     """Picks per source index since start (status and the demo's report)."""
 
@@ -113,6 +112,7 @@ class Dispatcher:
             self.rings[pool.name] = ring
         for prev in old.values():
             for q in prev.queues:
+                q.in_ring = False
                 if q.ready:
                     self.ready(q)
 
@@ -123,8 +123,8 @@ class Dispatcher:
         if ring is None:
             self._troubled[q.name] = q  # the next dispatch asks the policy again, or defers
             return
-        if q.name not in ring.members:
-            ring.members.add(q.name)
+        if not q.in_ring:
+            q.in_ring = True
             ring.queues.append(q)
 
     def _settle_troubled(self, now: float) -> None:
@@ -162,13 +162,13 @@ class Dispatcher:
             visits -= 1
             q = queues.popleft()
             if not q.ready or q.pool != ring.name:
-                ring.members.discard(q.name)
+                q.in_ring = False
                 if q.ready:
                     self.ready(q)  # a reload moved it to another pool
                 continue
             site = q.site
             if site is None:
-                ring.members.discard(q.name)
+                q.in_ring = False
                 why = (
                     f"queue {q.name} has no mx_list and MX lookups are not available yet; "
                     "set mx_list in get_queue_config"
@@ -196,7 +196,7 @@ class Dispatcher:
             if q.ready:
                 queues.append(q)
             else:
-                ring.members.discard(q.name)
+                q.in_ring = False
         return moved
 
     def _any_can_send(self, sel: SmoothSelector) -> bool:
@@ -211,7 +211,7 @@ class Dispatcher:
             why = f"no eligible source in egress pool {ring.name}: {states}"
         while ring.queues:
             q = ring.queues.popleft()
-            ring.members.discard(q.name)
+            q.in_ring = False
             self.on_problem(q, now, why, "4.4.5")
 
     def source_state(self, src: int) -> str:
@@ -349,6 +349,11 @@ class Dispatcher:
             self._give_back(item)
         self.requeued += len(stale)
         return len(stale)
+
+    def ready_count(self) -> int:
+        """Return how many messages are due now and wait for a source."""
+        queues = [q for ring in self.rings.values() for q in ring.queues]
+        return sum(len(q.ready) for q in (*queues, *self._troubled.values()))
 
     def backlog_count(self) -> int:
         """Return how many assigned messages wait for their worker's credit."""

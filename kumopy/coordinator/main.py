@@ -255,7 +255,8 @@ class Coordinator:
                         last_watchdog = mono
                         sdnotify.notify("WATCHDOG=1")
                         if self.metrics is not None:
-                            self.metrics.update(self.status())
+                            # No queue list: a metrics scrape must not cost O(queues).
+                            self.metrics.update(self.status({"queues_limit": 0}))
                 if self.stopping:
                     if not stop_deadline:
                         stop_deadline = mono + self.options.drain_timeout

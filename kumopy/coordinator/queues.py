@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
+import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kumopy._fast import DueQueue
@@ -73,6 +75,8 @@ class SchedQueue:
     """How many of this queue's messages wait in the due-time heap."""
     count: int = 0
     """Messages of this queue not finished yet: ready, delayed or with a source."""
+    in_ring: bool = False
+    """True while the queue waits for its turn in its pool's ring (dispatch)."""
 
     @property
     def pool(self) -> str | None:
@@ -112,6 +116,9 @@ class QueueBook:
         if q is None:
             q = self.queues[name] = SchedQueue(name, (domain, tenant, campaign))
             self.configure(q)
+            # Empty from birth: forgotten when idle even if no message ever joins (a refused
+            # batch names queues before its commit fails).
+            self._empty[name] = time.time()
         return q
 
     def configure(self, q: SchedQueue) -> None:
@@ -224,11 +231,11 @@ class QueueBook:
             self.released_bytes += len(msg.data)
             msg.data = None
 
-    def ready_count(self) -> int:
-        """Return how many messages are due now over every queue."""
-        return sum(len(q.ready) for q in self.queues.values())
-
-    def largest(self, limit: int, offset: int = 0) -> Iterator[SchedQueue]:
-        """Yield queues by their number of messages, largest first (for status)."""
-        ranked = sorted(self.queues.values(), key=lambda q: (-q.count, q.name))
-        yield from ranked[offset : offset + limit]
+    def largest(self, limit: int, offset: int = 0) -> list[SchedQueue]:
+        """Return queues by their number of messages, largest first (for status)."""
+        if limit <= 0:
+            return []
+        ranked = heapq.nsmallest(
+            offset + limit, self.queues.values(), key=lambda q: (-q.count, q.name)
+        )
+        return ranked[offset:]
