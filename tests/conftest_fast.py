@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
 from kumopy._fast import _queue_py, _select_py
+from kumopy._fast._switch import extensions_disabled
 
-__all__ = ["FastImpl", "fast_impl", "no_extensions"]
+__all__ = ["FastImpl", "extensions_disabled", "fast_impl", "no_extensions"]
 
-
-def no_extensions() -> bool:
-    """Return whether KUMOPY_NO_EXTENSIONS asks for the pure-Python twins."""
-    return os.environ.get("KUMOPY_NO_EXTENSIONS", "") not in ("", "0")
+no_extensions = extensions_disabled
+"""The old name of `extensions_disabled`, still imported by tests/test_wire.py."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,6 @@ def _load(name: str) -> FastImpl:
 def fast_impl(request: pytest.FixtureRequest) -> FastImpl:
     """Return the compiled or the pure-Python twin of kumopy._fast."""
     name: str = request.param
-    if name == "c" and no_extensions():
+    if name == "c" and extensions_disabled():
         pytest.skip("KUMOPY_NO_EXTENSIONS is set: the compiled twin is not in use")
     return _load(name)

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any
 
 __all__ = ["SmoothSelector", "SourceMask"]
 
 # Weights are unsigned 32-bit in the reference; the cap also keeps every score inside int64.
 _MAX_WEIGHT = 0xFFFFFFFF
-# pick_into writes C ints, so a global source index must fit one.
-_MAX_SOURCES = 0x7FFFFFFF
-# Buffer formats accepted by pick_into: a native C int, as array.array("i") exposes it.
-_INT_FORMATS = frozenset({"i", "@i"})
 
 
 def _check_index(index: int, size: int) -> None:
@@ -28,8 +23,8 @@ class SourceMask:
 
     def __init__(self, size: int) -> None:
         size = operator.index(size)
-        if size < 0 or size > _MAX_SOURCES:
-            raise ValueError(f"mask size must be in 0..{_MAX_SOURCES}, not {size}")
+        if size < 0:
+            raise ValueError(f"mask size must be >= 0, not {size}")
         self._flags = bytearray(b"\x01" * size)
 
     def set(self, index: int, eligible: bool) -> None:
@@ -101,45 +96,6 @@ class SmoothSelector:
             return -1
         scores[best] -= total
         return self._sources[best]
-
-    def pick_many(self, n: int) -> list[int]:
-        """Return up to `n` picks, fewer when no source is eligible."""
-        if n < 0:
-            raise ValueError(f"n must be >= 0, not {n}")
-        out: list[int] = []
-        for _ in range(n):
-            src = self.pick()
-            if src < 0:
-                break
-            out.append(src)
-        return out
-
-    def pick_into(self, out: Any, n: int) -> int:
-        """Write up to `n` picks into the int32 buffer `out`; return how many were written."""
-        with memoryview(out) as view:
-            if (
-                view.readonly
-                or view.ndim != 1
-                or view.format not in _INT_FORMATS
-                or view.itemsize != 4
-                or not view.c_contiguous
-            ):
-                raise TypeError("out must be a writable contiguous buffer of C int (array('i'))")
-            if n < 0 or n > len(view):
-                raise ValueError(f"n must be in 0..{len(view)}, not {n}")
-            written = 0
-            with view.cast("B").cast("i") as ints:
-                while written < n:
-                    src = self.pick()
-                    if src < 0:
-                        break
-                    ints[written] = src
-                    written += 1
-        return written
-
-    def reset(self) -> None:
-        """Set every score back to 0."""
-        self._scores = [0] * len(self._sources)
 
     @property
     def sources(self) -> tuple[int, ...]:
