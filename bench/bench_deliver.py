@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import uvloop
 
 from kumopy.config import EgressSource
@@ -158,6 +159,7 @@ def test_encode_data_100k(benchmark: BenchmarkFixture, fast_impl: FastImpl) -> N
     assert out.count(b"\n") == out.count(b"\r\n") == out.count(b"\r")
 
 
+@pytest.mark.integration
 def test_run_delivers_every_message(tmp_path: Path) -> None:
     """Run the benchmark small: every message delivered from the source address, on few links."""
     r = run(30, 2, 600, workdir=tmp_path, source_address="127.0.0.3")

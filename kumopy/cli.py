@@ -15,29 +15,15 @@ __all__ = ["main", "parse_size"]
 
 log = logging.getLogger(__name__)
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1024,
-    "kb": 1024,
-    "m": 1024**2,
-    "mb": 1024**2,
-    "g": 1024**3,
-    "gb": 1024**3,
-}
-
 
 def parse_size(text: str) -> int:
-    """Parse "2048", "2k", "50MB" into bytes."""
-    t = text.strip().lower()
-    num = t.rstrip("kmgb")
-    unit = t[len(num) :]
-    if not num or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2048, 2k, 50MB)")
+    """Parse "2048", "2k", "50MB" into bytes (an argparse type)."""
+    from kumopy.units import parse_size as parse
+
     try:
-        return int(float(num) * _UNITS[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -52,8 +38,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import zmq
 
     from kumopy.coordinator.core import CoreSettings
-    from kumopy.coordinator.main import Coordinator, RunOptions
-    from kumopy.ipc.messages import Limits
+    from kumopy.coordinator.main import Coordinator
+    from kumopy.coordinator.options import RunOptions
+    from kumopy.ipc.inject import Limits
     from kumopy.metrics import parse_metrics_address
     from kumopy.policy import load_policy
 
@@ -114,8 +101,8 @@ def parse_timeouts(items: Sequence[str]) -> dict[str, float]:
     """Parse --smtp-timeout STEP=DURATION items into validated SMTP timeouts."""
     from dataclasses import fields
 
-    from kumopy.config import parse_duration
-    from kumopy.smtp.client import Timeouts
+    from kumopy.smtp.protocol import Timeouts
+    from kumopy.units import parse_duration
 
     steps = sorted(f.name for f in fields(Timeouts))
     out: dict[str, float] = {}
@@ -143,7 +130,7 @@ def parse_shaping(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from kumopy.smtp.client import Timeouts
+    from kumopy.smtp.protocol import Timeouts
     from kumopy.worker.main import run_worker
 
     _setup_logging(args.log_level)
@@ -168,8 +155,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand."""
-    from kumopy.coordinator.main import DEFAULT_ENDPOINT
-    from kumopy.ipc.messages import DEFAULT_MAX_MESSAGE_SIZE
+    from kumopy.ipc.inject import DEFAULT_ENDPOINT, DEFAULT_MAX_MESSAGE_SIZE
 
     p = argparse.ArgumentParser(prog="kumopy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)

@@ -4,83 +4,23 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from kumopy.errors import KumoError, ProtocolError, error_from_dict
-from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.errors import KumoError, error_from_dict
+from kumopy.ipc.framing import decode_header
+from kumopy.ipc.inject import (
+    DEFAULT_ENDPOINT,
+    InjectResult,
+    Message,
+    decode_inject_reply,
+    encode_inject,
+    encode_request,
+)
 
 __all__ = ["AsyncClient", "Client", "InjectResult", "Message"]
-
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:2025"
-
-
-@dataclass(slots=True)
-class Message:
-    """One message to inject."""
-
-    sender: str
-    recipients: list[str]
-    data: bytes
-    id: str | None = None
-    """Client id: an injection retried with the same id is accepted only once."""
-    tenant: str | None = None
-    campaign: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class InjectResult:
-    """The coordinator's answer for one message."""
-
-    ok: bool
-    id: str | None = None
-    duplicate: bool = False
-    error: KumoError | None = None
-
-    @property
-    def transient(self) -> bool:
-        """Return True when a rejection may succeed if retried later (spool full, stopping)."""
-        return self.error is not None and bool(getattr(self.error, "transient", False))
-
-
-def _request(req: int, messages: Iterable[Message]) -> list[Any]:
-    specs = []
-    frames: list[Any] = [b""]
-    for n, m in enumerate(messages, start=1):
-        meta = dict(m.meta)
-        if m.tenant is not None:
-            meta["tenant"] = m.tenant
-        if m.campaign is not None:
-            meta["campaign"] = m.campaign
-        spec: dict[str, Any] = {"sender": m.sender, "recipients": list(m.recipients), "data": n}
-        if m.id is not None:
-            spec["id"] = m.id
-        if meta:
-            spec["meta"] = meta
-        specs.append(spec)
-        frames.append(m.data)
-    frames[0] = encode_header("inject", req=req, messages=specs)
-    return frames
-
-
-def _parse_reply(frame: bytes, count: int) -> list[InjectResult]:
-    header = decode_header(frame)
-    if not header.get("ok"):
-        err = error_from_dict(header.get("error") or {})
-        return [InjectResult(False, error=err) for _ in range(count)]
-    out = []
-    for item in header["result"]["messages"]:
-        if item.get("ok"):
-            out.append(InjectResult(True, item.get("id"), bool(item.get("duplicate"))))
-        else:
-            out.append(InjectResult(False, error=error_from_dict(item.get("error") or {})))
-    if len(out) != count:
-        raise ProtocolError(f"reply has {len(out)} results for {count} messages")
-    return out
 
 
 def _message(sender: str, recipients: Iterable[str] | str, data: bytes, **kw: Any) -> Message:
@@ -143,7 +83,7 @@ class Client:
                     exhausted = True
                     break
                 req = next(self._req)
-                self.sock.send_multipart(_request(req, batch), copy=len(batch) < 64)
+                self.sock.send_multipart(encode_inject(req, batch), copy=len(batch) < 64)
                 pending[req] = len(batch)
                 order.append(req)
             if not pending:
@@ -154,14 +94,14 @@ class Client:
             answered = decode_header(frame).get("req")
             if not isinstance(answered, int) or answered not in pending:
                 continue  # a late answer to an abandoned request
-            done[answered] = _parse_reply(frame, pending.pop(answered))
+            done[answered] = decode_inject_reply(frame, pending.pop(answered))
             while order and order[0] in done:
                 yield done.pop(order.pop(0))
 
     def request(self, kind: str, **fields: Any) -> Any:
         """Send a control request (ping, status) and return its result."""
         req = next(self._req)
-        self.sock.send(encode_header(kind, req=req, **fields))
+        self.sock.send(encode_request(kind, req, **fields))
         while True:
             if not self.sock.poll(self.timeout_ms):
                 raise KumoError(f"no answer from the coordinator in {self.timeout_ms / 1000:.0f}s")
@@ -225,14 +165,14 @@ class AsyncClient:
         self._waiters[req] = fut
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read())
-        await self.sock.send_multipart(_request(req, batch))
+        await self.sock.send_multipart(encode_inject(req, batch))
         try:
             frame = await asyncio.wait_for(fut, self.timeout)
         except TimeoutError:
             raise KumoError(f"no answer from the coordinator in {self.timeout:.0f}s") from None
         finally:
             self._waiters.pop(req, None)
-        return _parse_reply(frame, len(batch))
+        return decode_inject_reply(frame, len(batch))
 
     async def _read(self) -> None:
         while self._waiters:

@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from kumopy.smtp.replies import Reply
 
 __all__ = [
+    "BadDomainError",
     "ConfigError",
     "ConfigIssue",
+    "DNSError",
+    "DNSUnavailableError",
     "DeliveryError",
+    "DomainNotFoundError",
+    "HttpsGetError",
     "InjectionError",
     "KumoError",
     "LogUnavailableError",
+    "NoAddressError",
+    "NullMXError",
     "PolicyError",
     "ProtocolError",
+    "ResolverConfigError",
     "SMTPReplyError",
     "ShuttingDownError",
     "SourceBindError",
     "SpoolError",
     "SpoolFullError",
     "SpoolLockedError",
+    "StsError",
     "WorkerBootError",
     "error_from_dict",
+    "kind_of",
 ]
 
 
@@ -29,7 +42,8 @@ class KumoError(Exception):
     """Base of every kumopy error; carries a stable code and serialises for ZeroMQ."""
 
     code: ClassVar[str] = "kumo_error"
-    transient: ClassVar[bool] = False
+    transient: bool = False
+    """True when trying again later may succeed (one name for transience, on every error)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -37,7 +51,12 @@ class KumoError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         """Return a msgpack-safe description of this error."""
-        return {"type": type(self).__name__, "code": self.code, "message": self.message}
+        return {
+            "type": type(self).__name__,
+            "code": self.code,
+            "message": self.message,
+            "transient": self.transient,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KumoError:
@@ -157,13 +176,7 @@ class DeliveryError(KumoError):
 
     def __init__(self, message: str, transient: bool = True) -> None:
         super().__init__(message)
-        self.is_transient = transient
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a msgpack-safe description, with its transience."""
-        d = super().to_dict()
-        d["transient"] = self.is_transient
-        return d
+        self.transient = transient
 
 
 class SourceBindError(DeliveryError):
@@ -184,64 +197,158 @@ class SourceBindError(DeliveryError):
 
 
 class SMTPReplyError(KumoError):
-    """The peer answered with a failure reply; says whether it is transient or permanent."""
+    """The peer answered with a failure reply; transient for 4xx, permanent for 5xx."""
 
     code = "smtp_reply"
 
-    def __init__(
-        self,
-        smtp_code: int,
-        text: str,
-        enhanced_code: str | None = None,
-        command: str | None = None,
-    ) -> None:
-        self.smtp_code = smtp_code
-        self.text = text
-        self.enhanced_code = enhanced_code
-        self.command = command
-        enh = f" {enhanced_code}" if enhanced_code else ""
-        super().__init__(f"{smtp_code}{enh} {text}")
-
-    @property
-    def is_transient(self) -> bool:
-        """Return True for a 4xx reply (try again later)."""
-        return 400 <= self.smtp_code < 500
-
-    @property
-    def is_permanent(self) -> bool:
-        """Return True for a 5xx reply (do not retry)."""
-        return self.smtp_code >= 500
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        """The reply, labelled with the command it answered."""
+        self.transient = reply.is_transient
 
     def to_dict(self) -> dict[str, Any]:
         """Return a msgpack-safe description with code, enhanced code, text and command."""
         d = super().to_dict()
-        d.update(
-            smtp_code=self.smtp_code,
-            text=self.text,
-            enhanced_code=self.enhanced_code,
-            command=self.command,
-        )
+        r = self.reply
+        d.update(smtp_code=r.code, text=r.text, enhanced_code=r.enhanced_code, command=r.command)
         return d
 
 
-_REGISTRY: dict[str, type[KumoError]] = {}
-for _cls in (
-    KumoError,
-    ConfigError,
-    PolicyError,
-    ProtocolError,
-    InjectionError,
-    SpoolError,
-    SpoolFullError,
-    SpoolLockedError,
-    ShuttingDownError,
-    LogUnavailableError,
-    WorkerBootError,
-    DeliveryError,
-    SourceBindError,
-    SMTPReplyError,
-):
-    _REGISTRY[_cls.__name__] = _cls
+# -- DNS and MTA-STS ----------------------------------------------------------------------
+
+
+class DNSError(KumoError):
+    """A domain's mail hosts could not be found; carries the SMTP reply to log for it."""
+
+    code = "dns_error"
+    transient = True
+    smtp_code = 451
+    enhanced_code = "4.4.3"
+
+    def __init__(self, domain: str, message: str) -> None:
+        super().__init__(f"{self.smtp_code} {self.enhanced_code} {message}")
+        self.domain = domain
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a msgpack-safe description, with the domain and the SMTP codes."""
+        d = super().to_dict()
+        d.update(domain=self.domain, smtp_code=self.smtp_code, enhanced_code=self.enhanced_code)
+        return d
+
+
+class DNSUnavailableError(DNSError):
+    """No DNS server gave a usable answer (SERVFAIL, REFUSED, timeout, unreachable)."""
+
+    code = "dns_unavailable"
+
+
+class BadDomainError(DNSError):
+    """The domain is not a valid DNS name (empty label, too long, bad IDNA)."""
+
+    code = "dns_bad_domain"
+    transient = False
+    smtp_code, enhanced_code = 550, "5.1.2"
+
+
+class DomainNotFoundError(DNSError):
+    """The domain does not exist (NXDOMAIN)."""
+
+    code = "dns_nxdomain"
+    transient = False
+    smtp_code, enhanced_code = 550, "5.1.2"
+
+
+class NullMXError(DNSError):
+    """The domain publishes a null MX: it accepts no mail (RFC 7505)."""
+
+    code = "dns_null_mx"
+    transient = False
+    smtp_code, enhanced_code = 556, "5.1.10"
+
+
+class NoAddressError(DNSError):
+    """No mail host of the domain has an address: transient for MX hosts, else permanent."""
+
+    code = "dns_no_address"
+
+    def __init__(self, domain: str, message: str, transient: bool) -> None:
+        self.transient = transient
+        if not transient:  # no MX and no address of its own: RFC 5321 5.1 says give up
+            self.smtp_code, self.enhanced_code = 550, "5.4.4"
+        super().__init__(domain, message)
+
+
+class ResolverConfigError(KumoError, ValueError):
+    """The DNS configuration is unusable (no name server in resolv.conf, unreadable file)."""
+
+    code = "dns_config"
+
+
+class StsError(KumoError):
+    """An MTA-STS record or policy is unusable, or could not be fetched; `stage` says where."""
+
+    code = "mta_sts"
+
+    def __init__(self, message: str, stage: str, transient: bool = True) -> None:
+        super().__init__(message)
+        self.stage = stage
+        """Where it failed: dns, connect, tls, http, timeout, parse or config."""
+        self.transient = transient
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a msgpack-safe description, with the stage."""
+        d = super().to_dict()
+        d["stage"] = self.stage
+        return d
+
+
+class HttpsGetError(KumoError):
+    """An HTTPS GET failed; `stage` says where: connect, tls, http or timeout."""
+
+    code = "https_get"
+    transient = True
+
+    def __init__(self, message: str, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+        """Where the fetch failed: `connect`, `tls`, `http` or `timeout`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a msgpack-safe description, with the stage."""
+        d = super().to_dict()
+        d["stage"] = self.stage
+        return d
+
+
+_REGISTRY: dict[str, type[KumoError]] = {
+    cls.__name__: cls
+    for cls in (
+        KumoError,
+        ConfigError,
+        PolicyError,
+        ProtocolError,
+        InjectionError,
+        SpoolError,
+        SpoolFullError,
+        SpoolLockedError,
+        ShuttingDownError,
+        LogUnavailableError,
+        WorkerBootError,
+        DeliveryError,
+        SourceBindError,
+        SMTPReplyError,
+        DNSError,
+        DNSUnavailableError,
+        BadDomainError,
+        DomainNotFoundError,
+        NullMXError,
+        NoAddressError,
+        ResolverConfigError,
+        StsError,
+        HttpsGetError,
+    )
+}
 
 
 def error_from_dict(data: dict[str, Any]) -> KumoError:
@@ -250,19 +357,33 @@ def error_from_dict(data: dict[str, Any]) -> KumoError:
     message = str(data.get("message", ""))
     cls = _REGISTRY.get(name, KumoError)
     if cls is SMTPReplyError:
-        return SMTPReplyError(
+        from kumopy.smtp.replies import Reply  # replies imports this module: import late
+
+        reply = Reply(
             int(data.get("smtp_code", 0)),
-            str(data.get("text", "")),
             data.get("enhanced_code"),
+            str(data.get("text", "")),
             data.get("command"),
         )
-    if cls is DeliveryError:
-        return DeliveryError(message, bool(data.get("transient", True)))
-    if cls is SourceBindError:
-        return SourceBindError(
-            message, str(data.get("address", "")), str(data.get("errno_name", ""))
-        )
+        return SMTPReplyError(reply)
     if cls is ConfigError:
         issues = [ConfigIssue(*map(str, i)) for i in data.get("issues", [])]
         return ConfigError(issues or message)
-    return cls(message)
+    # The rest carry plain fields beside the message: set them as they came, without running
+    # constructors that would rebuild the message (a DNS error prefixes its SMTP codes).
+    err = cls.__new__(cls)
+    KumoError.__init__(err, message)
+    for key, value in data.items():
+        if key not in ("type", "code", "message") and isinstance(value, str | int | float | bool):
+            setattr(err, key, value)
+    return err
+
+
+def kind_of(value: object) -> str:
+    """Return a short description of a value's type for error messages."""
+    if value is None:
+        return "nothing (None)"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
+    return names.get(type(value), f"a {type(value).__name__}")

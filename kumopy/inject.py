@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from email.utils import formatdate, make_msgid
 from typing import Any
 
-from kumopy.client import DEFAULT_ENDPOINT, Client, Message
+from kumopy.client import Client, Message
+from kumopy.ipc.inject import DEFAULT_ENDPOINT
 
 __all__ = ["add_inject_parser", "generate_messages", "make_body"]
 

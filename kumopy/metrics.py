@@ -54,7 +54,7 @@ class MetricsExporter(Collector):
             ("messages", "Messages in the spool"),
             ("ready", "Messages due now, waiting for a source"),
             ("delayed", "Messages waiting for a retry"),
-            ("inflight", "Deliveries held by workers"),
+            ("dispatched", "Messages sent to workers, waiting for their results"),
         ):
             yield GaugeMetricFamily(f"kumopy_{key}", help_text, value=st.get(key, 0))
         log_state = st.get("log", {})
@@ -81,16 +81,18 @@ class MetricsExporter(Collector):
         delivered = CounterMetricFamily(
             "kumopy_source_delivered", "Recipients delivered per egress source", labels=labels
         )
-        inflight = GaugeMetricFamily("kumopy_source_inflight", "Deliveries held", labels=labels)
+        dispatched = GaugeMetricFamily(
+            "kumopy_source_dispatched", "Messages at the worker", labels=labels
+        )
         credit = GaugeMetricFamily("kumopy_source_credit", "Credit announced", labels=labels)
         up = GaugeMetricFamily("kumopy_source_up", "1 when the source can send", labels=labels)
         for name, s in sorted(st.get("sources", {}).items()):
             lv = [name, s.get("source_address") or ""]
             delivered.add_metric(lv, s.get("delivered", 0))
-            inflight.add_metric(lv, s.get("inflight", 0))
+            dispatched.add_metric(lv, s.get("dispatched", 0))
             credit.add_metric(lv, s.get("credit", 0))
             up.add_metric(lv, 1 if s.get("live") else 0)
-        yield from (delivered, inflight, credit, up)
+        yield from (delivered, dispatched, credit, up)
         picks = CounterMetricFamily(
             "kumopy_pool_picks", "Sources picked per pool", labels=["pool", "source"]
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import os
@@ -15,30 +14,29 @@ from typing import Any, TypeVar, overload
 
 from kumopy.config import (
     UNSPECIFIED,
-    Config,
     EntryDefinition,
     PoolDefinition,
     QueueConfig,
     SourceDefinition,
-    build_config,
-    parse_duration,
-    parse_mx_host,
-    queue_name,
 )
 from kumopy.errors import ConfigError, ConfigIssue, PolicyError
+from kumopy.paths import make_egress_path
+from kumopy.policy_calls import Policy, raised_at
 from kumopy.sources_file import SourcesMerger, read_sources_file
+from kumopy.validation import build_config, make_queue_config, suggest
 
 __all__ = ["EVENTS", "KumoNamespace", "Policy", "kumo", "load_policy"]
 
 logger = logging.getLogger(__name__)
 
 EVENTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
-    {"init": (), "get_queue_config": ("domain", "tenant", "campaign", "routing_domain")}
+    {
+        "init": (),
+        "get_queue_config": ("domain", "tenant", "campaign", "routing_domain"),
+        "get_egress_path_config": ("routing_domain", "egress_source", "site_name"),
+    }
 )
 """Events a policy may handle, with the arguments each handler receives."""
-
-_QUEUE_OPTIONS = ("egress_pool", "retry_interval", "max_retry_interval", "max_age", "mx_list")
-_RESERVED_QUEUE_OPTIONS = ("max_message_rate", "protocol")
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
 
@@ -60,6 +58,7 @@ class _Loader:
         self.handlers: dict[str, list[tuple[Callable[..., Any], str]]] = {e: [] for e in EVENTS}
         self.issues: list[ConfigIssue] = []
         self.merger = SourcesMerger()
+        self.settings: dict[str, Any] = {}
 
     def add_sources_file(self, path: Path) -> None:
         """Read and merge one sources file."""
@@ -75,24 +74,13 @@ class _Loader:
             self.issues.extend(exc.issues)
             return
         filename = str(self.path)
-        where = _raised_at(exc, filename) or filename
+        where = raised_at(exc, filename) or filename
         if isinstance(exc, SyntaxError) and exc.filename == filename:
             where = f"{filename}:{exc.lineno}"
             problem = f"syntax error: {exc.msg}"
         else:
             problem = f"{what} raised {type(exc).__name__}: {exc}"
         self.issues.append(ConfigIssue(where, "policy", "", problem))
-
-
-def _raised_at(exc: BaseException, filename: str) -> str | None:
-    """Return `file:line` of the innermost traceback frame in filename, or None."""
-    where = None
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == filename:
-            where = f"{filename}:{tb.tb_lineno}"
-        tb = tb.tb_next
-    return where
 
 
 _loading: ContextVar[_Loader | None] = ContextVar("kumopy_policy_loading", default=None)
@@ -197,7 +185,11 @@ class KumoNamespace:
             "mx_list": mx_list,
             **unknown,
         }
-        return _make_queue_config(options, _caller())
+        return make_queue_config(options, _caller())
+
+    def make_egress_path(self, spec: Mapping[str, Any] | None = None, /, **options: Any) -> Any:
+        """Return what a get_egress_path_config handler hands back; raise ConfigError."""
+        return make_egress_path(_options(spec, options), _caller())
 
 
 def _register(loader: _Loader, event: object, fn: object, where: str) -> None:
@@ -205,7 +197,7 @@ def _register(loader: _Loader, event: object, fn: object, where: str) -> None:
     problem = None
     if event not in EVENTS:
         known = ", ".join(repr(e) for e in EVENTS)
-        problem = f"unknown event {event!r}; kumopy knows {known}"
+        problem = f"unknown event {event!r}{suggest(str(event), EVENTS)}; kumopy knows {known}"
     elif not callable(fn) or inspect.iscoroutinefunction(fn):
         problem = "the handler must be a plain (not async) function"
     else:
@@ -227,140 +219,8 @@ def _register(loader: _Loader, event: object, fn: object, where: str) -> None:
     loader.handlers[event].append((fn, where))  # type: ignore[arg-type]
 
 
-def _queue_option(key: str, value: object) -> object:
-    """Validate one make_queue_config option; raise ValueError naming the problem."""
-    if key == "egress_pool":
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"must be the name of a pool, not {value!r}")
-        return value
-    if key == "mx_list":
-        if value is None:
-            return None
-        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
-            example = '["mx.example.com:2525"]'
-            raise ValueError(f"must be a list of hosts like {example}, not {value!r}")
-        if not value:
-            raise ValueError("is empty; leave mx_list out to look up MX records")
-        hosts = []
-        for i, item in enumerate(value):
-            try:
-                hosts.append(parse_mx_host(item))
-            except ConfigError as exc:
-                raise ValueError(f"item {i}: {exc.issues[0].problem}") from None
-        return tuple(hosts)
-    if key == "max_retry_interval" and value is None:
-        return None
-    try:
-        seconds = parse_duration(value)
-    except ConfigError as exc:
-        raise ValueError(exc.issues[0].problem) from None
-    if seconds <= 0:
-        raise ValueError("must be longer than zero")
-    return seconds
-
-
-def _make_queue_config(options: Mapping[str, object], where: str) -> QueueConfig:
-    """Validate make_queue_config options; return a QueueConfig or raise ConfigError."""
-    issues: list[ConfigIssue] = []
-    values: dict[str, Any] = {}
-    obj = "queue config"
-    for key, value in options.items():
-        if key in _RESERVED_QUEUE_OPTIONS:
-            issues.append(ConfigIssue(where, obj, key, "not supported yet by kumopy; remove it"))
-        elif key not in _QUEUE_OPTIONS:
-            close = difflib.get_close_matches(key, _QUEUE_OPTIONS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problem = f"unknown option{hint}; known options: {', '.join(_QUEUE_OPTIONS)}"
-            issues.append(ConfigIssue(where, obj, key, problem))
-        else:
-            try:
-                values[key] = _queue_option(key, value)
-            except ValueError as exc:
-                issues.append(ConfigIssue(where, obj, key, str(exc)))
-    cap, retry = values.get("max_retry_interval"), values.get("retry_interval", 1200.0)
-    if cap is not None and cap < retry:
-        problem = f"{cap:g}s is shorter than retry_interval ({retry:g}s)"
-        issues.append(ConfigIssue(where, obj, "max_retry_interval", problem))
-    if issues:
-        raise ConfigError(issues)
-    return QueueConfig(**values)
-
-
 kumo = KumoNamespace()
 """The policy API: `from kumopy import kumo`."""
-
-
-class Policy:
-    """A loaded policy: its validated Config and its get_queue_config handler."""
-
-    __slots__ = ("_queue_handler", "config", "path")
-
-    def __init__(
-        self,
-        config: Config,
-        path: Path | None = None,
-        queue_handler: tuple[Callable[..., Any], str] | None = None,
-    ) -> None:
-        self.config = config
-        """The validated sources and pools."""
-        self.path = path
-        """The policy file, or None when only sources files were loaded."""
-        self._queue_handler = queue_handler
-
-    def queue_config(
-        self,
-        domain: str,
-        tenant: str | None,
-        campaign: str | None,
-        routing_domain: str | None = None,
-    ) -> QueueConfig:
-        """Ask get_queue_config for a queue's config; raise PolicyError if it is unusable."""
-        queue = queue_name(domain, tenant, campaign)
-        if self._queue_handler is None:
-            result = QueueConfig()
-        else:
-            handler, where = self._queue_handler
-            try:
-                answer: object = handler(domain, tenant, campaign, routing_domain)
-            except Exception as exc:
-                code = getattr(handler, "__code__", None)
-                line = _raised_at(exc, code.co_filename) if code is not None else None
-                raise PolicyError(
-                    f"get_queue_config ({where}) failed for queue {queue!r}"
-                    f"{f' at {line}' if line else ''}: {type(exc).__name__}: {exc}"
-                ) from exc
-            if not isinstance(answer, QueueConfig):
-                raise PolicyError(
-                    f"get_queue_config ({where}) returned {type(answer).__name__} for queue "
-                    f"{queue!r}; it must return kumo.make_queue_config(...)"
-                )
-            result = answer
-        if result.egress_pool not in self.config.pools:
-            known = ", ".join(self.config.pools)
-            raise PolicyError(
-                f"queue {queue!r} names unknown egress pool {result.egress_pool!r}; "
-                f"known pools: {known}",
-                result,
-            )
-        return result
-
-    def describe(self) -> dict[str, Any]:
-        """Return the sources and pools as JSON-ready dicts (for check-config --json)."""
-        pools_of: dict[str, list[str]] = {name: [] for name in self.config.sources}
-        pools = []
-        for pool in self.config.pools.values():
-            total = sum(entry.weight for entry in pool.entries)
-            entries = []
-            for entry in pool.entries:
-                pools_of[entry.name].append(pool.name)
-                share = round(100.0 * entry.weight / total, 1)
-                entries.append({"name": entry.name, "weight": entry.weight, "share": share})
-            pools.append({"name": pool.name, "entries": entries})
-        sources = [
-            {**source.to_dict(), "family": source.family, "pools": pools_of[name]}
-            for name, source in self.config.sources.items()
-        ]
-        return {"sources": sources, "pools": pools}
 
 
 def _run_file(loader: _Loader, path: Path) -> bool:
@@ -410,11 +270,12 @@ def load_policy(
     for extra in sources:
         loader.add_sources_file(Path(extra))
     config = build_config(loader.sources, loader.pools, loader.issues)
-    handlers = loader.handlers["get_queue_config"]
+    handlers = {event: found[0] for event, found in loader.handlers.items() if found}
+    handlers.pop("init", None)
     logger.debug(
         "loaded policy %s: %d sources, %d pools",
         policy_path,
         len(config.sources),
         len(config.pools),
     )
-    return Policy(config, policy_path, handlers[0] if handlers else None)
+    return Policy(config, policy_path, handlers, loader.settings)

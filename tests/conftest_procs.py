@@ -1,4 +1,7 @@
-"""Fixtures that run the real thing: a sink process and coordinator processes, stopped by PID."""
+"""Fixtures that run the real thing: a sink process and coordinator processes, stopped by PID.
+
+Only tests marked `integration` may start processes: the guard here fails any other that tries.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,42 @@ import pytest
 
 from kumopy.harness import Proc, SinkRecords, read_log_records, start_coordinator, start_sink
 
-__all__ = ["Cluster", "fill", "policy_file", "tmpfs"]
+__all__ = ["Cluster", "MakePolicy", "fill", "policy_file", "require_integration", "tmpfs"]
+
+MakePolicy = Callable[[str], str]
+"""The `make_policy` fixture: write a policy snippet to a file, return its path."""
+
+# Test files that start processes and are not ours to mark yet (their owners are editing
+# them): the guard below lets them through. Empty this once they carry the marker.
+
+
+def require_integration(item: pytest.Item, what: str) -> None:
+    """Fail the test unless it is marked integration, so that `-m "not integration"` stays fast."""
+    if item.get_closest_marker("integration") is None:
+        pytest.fail(
+            f"{item.nodeid} starts {what} but is not marked integration: add "
+            "@pytest.mark.integration (or pytestmark = pytest.mark.integration in its module)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(autouse=True)
+def _processes_need_the_integration_marker(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Make any subprocess an unmarked test starts fail it (kumopy, sinks, python -c, ...)."""
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    if item.get_closest_marker("integration") is not None:
+        return
+    init = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        words = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+        require_integration(item, f"a process ({' '.join(map(str, words[:4]))} ...)")
+        init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 
 def policy_file(path: Path, body: str) -> str:
@@ -74,8 +112,10 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     """Give a test a Cluster whose processes are stopped by PID afterwards."""
+    assert isinstance(request.node, pytest.Item)
+    require_integration(request.node, "processes (the cluster fixture)")
     c = Cluster(tmp_path)
     try:
         yield c
@@ -84,7 +124,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def make_policy(tmp_path: Path) -> Callable[[str], str]:
+def make_policy(tmp_path: Path) -> MakePolicy:
     """Write a policy snippet to a file and return its path."""
     counter = iter(range(1000))
 

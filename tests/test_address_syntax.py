@@ -6,7 +6,6 @@ import asyncio
 import base64
 import random
 import re
-from collections.abc import Callable
 
 import pytest
 
@@ -15,7 +14,8 @@ from kumopy.errors import InjectionError
 from kumopy.harness import wait_for
 from kumopy.smtp.client import SMTPClient
 from kumopy.smtp.wire import encode_data, validate_address, wire_address
-from tests.conftest_procs import Cluster
+from tests.conftest_procs import Cluster, MakePolicy
+from tests.policies import ONE_SOURCE, boot
 
 VALID = [
     "user@example.com",
@@ -216,29 +216,11 @@ def test_quoted_addresses_go_on_the_wire_byte_for_byte() -> None:
     ]
 
 
-POLICY = """
-import os
-SINK = os.environ["TEST_SINK"]
-
-@kumo.on("init")
-def init():
-    kumo.define_egress_source(name="a", source_address="127.0.0.2", ehlo_domain="a.mta.test")
-    kumo.define_egress_pool(name="p", entries=[{"name": "a"}])
-
-@kumo.on("get_queue_config")
-def qc(domain, tenant, campaign, routing_domain):
-    return kumo.make_queue_config(egress_pool="p", mx_list=[SINK])
-"""
-
-
 @pytest.mark.integration
 def test_quoted_recipient_delivered_and_long_line_refused(
-    cluster: Cluster, make_policy: Callable[[str], str]
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
-    sink, records = cluster.sink(raw=True)
-    coord = cluster.coordinator(
-        make_policy(POLICY), env={"TEST_SINK": f"127.0.0.1:{sink.info['port']}"}
-    )
+    coord, records = boot(cluster, make_policy, policy=make_policy(ONE_SOURCE), sink_raw=True)
     body = b"Subject: quoted\r\n\r\nhello\r\n"
     long_body = b"Subject: long\r\n\r\n" + b"x" * 998 + b"\r\n" + b"y" * 1200 + b"\r\n"
     with Client(coord.info["endpoint"]) as client:

@@ -164,6 +164,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: kumopy check-config" in out
 
 
+@pytest.mark.integration
 def test_python_dash_m_kumopy_check_config(tmp_path: Path) -> None:
     env = {**os.environ, "KUMOPY_DEMO_SINK": "127.0.0.1:2526"}
     done = subprocess.run(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib
 import json
 import pkgutil
+import re
 import subprocess
 import sys
 import urllib.request
@@ -14,11 +16,13 @@ from pathlib import Path
 import pytest
 
 import kumopy
+from kumopy import cli
 from kumopy.client import AsyncClient, Client
-from kumopy.coordinator.main import check_listen_endpoint
+from kumopy.coordinator.options import check_listen_endpoint
 from kumopy.errors import ConfigError
 from kumopy.harness import wait_for
-from tests.conftest_procs import Cluster
+from tests.conftest_procs import Cluster, MakePolicy
+from tests.policies import boot
 
 POLICY = """
 import os
@@ -34,14 +38,6 @@ def qc(domain, tenant, campaign, routing_domain):
 """
 
 
-def _boot(cluster: Cluster, make_policy, extra: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
-    sink, records = cluster.sink()
-    coord = cluster.coordinator(
-        make_policy(POLICY), env={"TEST_SINK": f"127.0.0.1:{sink.info['port']}"}, extra=extra
-    )
-    return coord, records
-
-
 def _kumopy(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kumopy", *args],
@@ -52,8 +48,11 @@ def _kumopy(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProce
     )
 
 
-def test_inject_command_line_file_stdin_and_generate(cluster, make_policy, tmp_path: Path) -> None:
-    coord, records = _boot(cluster, make_policy)
+@pytest.mark.integration
+def test_inject_command_line_file_stdin_and_generate(
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
+) -> None:
+    coord, records = boot(cluster, make_policy, policy=make_policy(POLICY))
     ep = coord.info["endpoint"]
     eml = tmp_path / "m.eml"
     eml.write_bytes(b"Subject: from a file\r\n\r\nbody\r\n")
@@ -108,8 +107,9 @@ def test_inject_command_line_file_stdin_and_generate(cluster, make_policy, tmp_p
     assert tagged["queue"] == "c1:t1@dst.test" and tagged["meta"]["list"] == "weekly"
 
 
-def test_async_client_and_status_command(cluster, make_policy) -> None:
-    coord, records = _boot(cluster, make_policy)
+@pytest.mark.integration
+def test_async_client_and_status_command(cluster: Cluster, make_policy: MakePolicy) -> None:
+    coord, records = boot(cluster, make_policy, policy=make_policy(POLICY))
     ep = coord.info["endpoint"]
 
     async def go() -> list[bool]:
@@ -139,8 +139,12 @@ def test_async_client_and_status_command(cluster, make_policy) -> None:
     )
 
 
-def test_metrics_endpoint_reports_per_source_counts(cluster, make_policy) -> None:
-    coord, records = _boot(cluster, make_policy, extra=("--metrics", "127.0.0.1:0"))
+@pytest.mark.integration
+def test_metrics_endpoint_reports_per_source_counts(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    extra = ("--metrics", "127.0.0.1:0")
+    coord, records = boot(cluster, make_policy, policy=make_policy(POLICY), extra=extra)
     with Client(coord.info["endpoint"]) as c:
         for i in range(5):
             assert c.send("s@src.test", f"m{i}@dst.test", b"Subject: m\r\n\r\nx\r\n").ok
@@ -183,6 +187,7 @@ def test_non_loopback_ingress_needs_explicit_permission(endpoint: str, allowed: 
         check_listen_endpoint(endpoint, allow_remote=True)
 
 
+@pytest.mark.integration
 def test_run_refuses_a_public_listen_address_before_starting(tmp_path: Path) -> None:
     out = _kumopy(
         "run",
@@ -196,6 +201,7 @@ def test_run_refuses_a_public_listen_address_before_starting(tmp_path: Path) -> 
     assert out.returncode == 2 and "--allow-remote-ingress" in out.stderr
 
 
+@pytest.mark.integration
 def test_run_reports_every_config_error_and_exits_2(tmp_path: Path) -> None:
     policy = tmp_path / "bad.py"
     policy.write_text(
@@ -209,6 +215,39 @@ def test_run_reports_every_config_error_and_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()  # nothing half-started
 
 
+# Every verb of the command line. check-config and sink are parsed by their own modules:
+# main() hands them their arguments before the parser, which lists them for --help only.
+SUBCOMMANDS = {"run", "worker", "status", "inject", "demo", "check-config", "sink"}
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int | str | None, str]:
+    """Run kumopy's main() in-process; return its exit status and stdout."""
+    try:
+        status: int | str | None = cli.main(list(argv))
+    except SystemExit as exc:
+        status = exc.code
+    return status, capsys.readouterr().out
+
+
+def test_cli_lists_its_subcommands(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (sub,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == SUBCOMMANDS
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(helps) == SUBCOMMANDS and all(helps.values()), helps
+    monkeypatch.setenv("COLUMNS", "200")  # one line per subcommand, whatever the terminal
+    status, out = _main(capsys, "--help")
+    assert status == 0
+    for name, text in helps.items():
+        assert text is not None
+        line = rf"^ +{re.escape(name)} +{re.escape(text)}$"
+        assert re.search(line, out, re.MULTILINE), f"kumopy --help lacks {name}: {text}"
+    for name in ("check-config", "sink"):
+        status, out = _main(capsys, name, "--help")
+        assert status == 0 and out.startswith(f"usage: kumopy {name} "), out
+
+
 def _modules() -> list[str]:
     names = []
     for info in pkgutil.walk_packages(kumopy.__path__, "kumopy."):
@@ -218,6 +257,7 @@ def _modules() -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("module", _modules())
 def test_every_module_imports_alone_without_warnings(module: str) -> None:
     out = subprocess.run(
@@ -241,7 +281,8 @@ def test_every_public_module_declares_all(module: str) -> None:
         assert hasattr(mod, name), f"{module}.__all__ names missing {name!r}"
 
 
-def test_systemd_notifications(cluster, make_policy, tmp_path: Path) -> None:
+@pytest.mark.integration
+def test_systemd_notifications(cluster: Cluster, make_policy: MakePolicy, tmp_path: Path) -> None:
     import socket
 
     path = tmp_path / "notify.sock"
@@ -249,11 +290,8 @@ def test_systemd_notifications(cluster, make_policy, tmp_path: Path) -> None:
     sock.bind(str(path))
     sock.settimeout(30)
     try:
-        sink, _records = cluster.sink()
-        coord = cluster.coordinator(
-            make_policy(POLICY),
-            env={"TEST_SINK": f"127.0.0.1:{sink.info['port']}", "NOTIFY_SOCKET": str(path)},
-        )
+        env = {"NOTIFY_SOCKET": str(path)}
+        coord, _ = boot(cluster, make_policy, policy=make_policy(POLICY), env=env)
         seen: list[str] = []
 
         def until(state: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests for kumopy.config: the dataclasses, durations, mx hosts and build_config."""
+"""kumopy.config, kumopy.validation and kumopy.units: dataclasses, durations, mx hosts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 
 from kumopy.config import (
     UNSPECIFIED,
-    Config,
     EgressPool,
     EgressSource,
     EntryDefinition,
@@ -16,11 +15,10 @@ from kumopy.config import (
     PoolEntry,
     QueueConfig,
     SourceDefinition,
-    build_config,
-    parse_duration,
-    parse_mx_host,
 )
 from kumopy.errors import ConfigError
+from kumopy.units import parse_duration
+from kumopy.validation import build_config, parse_mx_host, source_from_dict
 
 
 def source(name: str, **options: object) -> SourceDefinition:
@@ -40,7 +38,7 @@ def problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:
 
 
 def test_default_config_has_only_the_builtins() -> None:
-    config = Config.default()
+    config = build_config((), ())
     assert list(config.sources) == [UNSPECIFIED]
     assert config.sources[UNSPECIFIED] == EgressSource(UNSPECIFIED)
     assert config.pools[UNSPECIFIED] == EgressPool(UNSPECIFIED, (PoolEntry(UNSPECIFIED, 1),))
@@ -271,16 +269,16 @@ def test_reserved_options(option: str) -> None:
 )
 def test_source_round_trips_through_msgpack(value: EgressSource) -> None:
     packed = msgpack.packb(value.to_dict())
-    assert EgressSource.from_dict(msgpack.unpackb(packed)) == value
+    assert source_from_dict(msgpack.unpackb(packed)) == value
 
 
 def test_source_from_bad_dict() -> None:
     with pytest.raises(ConfigError, match="host name"):
-        EgressSource.from_dict({"name": "a", "source_address": "mx.example.com"})
+        source_from_dict({"name": "a", "source_address": "mx.example.com"})
     with pytest.raises(ConfigError, match="a name is required"):
-        EgressSource.from_dict({"source_address": "192.0.2.1"})
+        source_from_dict({"source_address": "192.0.2.1"})
     with pytest.raises(ConfigError, match="unknown option"):
-        EgressSource.from_dict({"name": "a", "bind": "192.0.2.1"})
+        source_from_dict({"name": "a", "bind": "192.0.2.1"})
 
 
 @pytest.mark.parametrize(

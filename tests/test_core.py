@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,8 +17,8 @@ from kumopy.coordinator.queues import next_retry_delay
 from kumopy.coordinator.spool import SpoolStore
 from kumopy.errors import SpoolError
 from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.ipc.inject import Limits
 from kumopy.ipc.jobs import DELIVERED, Job, JobResult, RecipientResult
-from kumopy.ipc.messages import Limits
 from kumopy.policy import load_policy
 
 POLICY = """
@@ -39,7 +40,7 @@ def qc(domain, tenant, campaign, routing_domain):
 class Harness:
     """A Core with a real spool, fed through the real ingress code."""
 
-    def __init__(self, tmp: Path, **settings: object) -> None:
+    def __init__(self, tmp: Path, **settings: Any) -> None:
         (tmp / "policy.py").write_text(POLICY)
         self.spool = SpoolStore(tmp / "spool", fsync=False, min_free_bytes=0)
         self.sent: dict[int, list[Job]] = {0: [], 1: [], 2: []}
@@ -49,7 +50,7 @@ class Harness:
             LogWriter(None),
             lambda src, jobs: self.sent[src].extend(jobs),
             CoreSettings(**settings),
-        )  # type: ignore[arg-type]
+        )
         self.ingress = Ingress(self.core, Limits(), lambda request: {})
         self.a = self.core.source_index["a"]
         self.b = self.core.source_index["b"]

@@ -10,7 +10,7 @@ import pytest
 
 from kumopy.config import EgressSource
 from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult
-from kumopy.smtp.client import END_OF_DATA, Timeouts
+from kumopy.smtp.protocol import END_OF_DATA, Timeouts
 from kumopy.worker.delivery import Deliverer
 from tests.smtp_peer import AiosmtpdPeer, refusing_port, run_deliverer, running_sink
 

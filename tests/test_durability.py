@@ -6,85 +6,42 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from kumopy.client import Client, Message
 from kumopy.errors import KumoError
-from kumopy.harness import SinkRecords, wait_for
+from kumopy.harness import wait_for
 from kumopy.inject import make_body
-from tests.conftest_procs import Cluster
+from tests.conftest_procs import Cluster, MakePolicy
+from tests.policies import (
+    SLOW_RETRY,
+    TWO_SOURCES,
+    boot,
+    closed_port,
+    delivered,
+    outcomes,
+    send,
+    wait_orphans_exit,
+)
 
-POLICY = """
-import os
-SINK = os.environ["TEST_SINK"]
-RETRY = float(os.environ.get("TEST_RETRY", "0.2"))
-MAX_AGE = float(os.environ.get("TEST_MAX_AGE", "3600"))
-
-@kumo.on("init")
-def init():
-    kumo.define_egress_source(name="a", source_address="127.0.0.2", ehlo_domain="a.mta.test")
-    kumo.define_egress_source(name="b", source_address="127.0.0.3", ehlo_domain="b.mta.test")
-    kumo.define_egress_pool(name="ab", entries=[{"name": "a"}, {"name": "b"}])
-
-@kumo.on("get_queue_config")
-def qc(domain, tenant, campaign, routing_domain):
-    return kumo.make_queue_config(egress_pool="ab", mx_list=[SINK], retry_interval=RETRY,
-                                  max_retry_interval=RETRY * 4, max_age=MAX_AGE)
-"""
+pytestmark = pytest.mark.integration
 
 
-def _boot(
-    cluster: Cluster,
-    make_policy: Callable[[str], str],
-    *,
-    sink_port: int | None = None,
-    env: dict[str, str] | None = None,
-    extra: tuple[str, ...] = (),
-    workdir: Path | None = None,
-    policy: str | None = None,
-) -> tuple[Any, SinkRecords | None]:
-    records = None
-    if sink_port is None:
-        sink, records = cluster.sink()
-        sink_port = sink.info["port"]
-    coord = cluster.coordinator(
-        policy or make_policy(POLICY),
-        workdir=workdir,
-        extra=extra,
-        env={"TEST_SINK": f"127.0.0.1:{sink_port}", **(env or {})},
-    )
-    return coord, records
-
-
-def _kinds(cluster: Cluster, coord: Any) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for r in cluster.records(coord):
-        if r["type"] != "Reception":
-            out.setdefault(r["recipient"], []).append(r["type"])
-    return out
-
-
-def _delivered(records: SinkRecords) -> Counter[str]:
-    return Counter(rcpt for r in records.refresh() if r["code"] == 250 for rcpt in r["rcpt_to"])
-
-
-def test_451_then_250_gives_transient_then_delivery(cluster, make_policy) -> None:
-    coord, records = _boot(cluster, make_policy)
+def test_451_then_250_gives_transient_then_delivery(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, records = boot(cluster, make_policy)
     assert records is not None
     with Client(coord.info["endpoint"]) as c:
         assert c.send("s@src.test", "tempfail-once-1@dst.test", b"Subject: t\r\n\r\nx\r\n").ok
     wait_for(
         lambda: (
-            _kinds(cluster, coord).get("tempfail-once-1@dst.test")
+            outcomes(cluster, coord).get("tempfail-once-1@dst.test")
             == ["TransientFailure", "Delivery"]
         ),
         30,
@@ -100,9 +57,9 @@ def test_451_then_250_gives_transient_then_delivery(cluster, make_policy) -> Non
 
 
 def test_mixed_recipients_get_their_own_outcomes_and_only_deferred_ones_retry(
-    cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
-    coord, records = _boot(cluster, make_policy)
+    coord, records = boot(cluster, make_policy)
     assert records is not None
     rcpts = ["ok1@dst.test", "tempfail-once-2@dst.test", "reject-3@dst.test", "ok4@dst.test"]
     with Client(coord.info["endpoint"]) as c:
@@ -113,13 +70,13 @@ def test_mixed_recipients_get_their_own_outcomes_and_only_deferred_ones_retry(
         "reject-3@dst.test": ["Bounce"],
         "ok4@dst.test": ["Delivery"],
     }
-    wait_for(lambda: _kinds(cluster, coord) == want, 30, f"outcomes {want}")
+    wait_for(lambda: outcomes(cluster, coord) == want, 30, f"outcomes {want}")
     bounce = next(r for r in cluster.records(coord) if r["type"] == "Bounce")
     assert bounce["response"]["code"] == 550
     assert bounce["response"]["enhanced_code"] == {"class": 5, "subject": 1, "detail": 1}
     # The delivered recipients were sent once; the retry carried only the deferred one.
     got = wait_for(
-        lambda: (d := _delivered(records)) and sum(d.values()) == 3 and d,
+        lambda: (d := delivered(records)) and sum(d.values()) == 3 and d,
         10,
         "three deliveries at the sink",
     )
@@ -129,13 +86,13 @@ def test_mixed_recipients_get_their_own_outcomes_and_only_deferred_ones_retry(
         wait_for(lambda: c.request("status")["messages"] == 0, 10, "the spool to empty")
 
 
-def test_a_message_expires_after_max_age(cluster, make_policy) -> None:
-    coord, _ = _boot(cluster, make_policy, env={"TEST_RETRY": "0.2", "TEST_MAX_AGE": "1.5"})
+def test_a_message_expires_after_max_age(cluster: Cluster, make_policy: MakePolicy) -> None:
+    coord, _ = boot(cluster, make_policy, env={"TEST_RETRY": "0.2", "TEST_MAX_AGE": "1.5"})
     with Client(coord.info["endpoint"]) as c:
         assert c.send("s@src.test", "tempfail-x@dst.test", b"Subject: e\r\n\r\nx\r\n").ok
     kinds = wait_for(
         lambda: (
-            (k := _kinds(cluster, coord).get("tempfail-x@dst.test", []))
+            (k := outcomes(cluster, coord).get("tempfail-x@dst.test", []))
             and k[-1] == "Expiration"
             and k
         ),
@@ -147,8 +104,10 @@ def test_a_message_expires_after_max_age(cluster, make_policy) -> None:
         assert c.request("status")["messages"] == 0
 
 
-def test_retried_injection_with_the_same_id_is_delivered_once(cluster, make_policy) -> None:
-    coord, records = _boot(cluster, make_policy)
+def test_retried_injection_with_the_same_id_is_delivered_once(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, records = boot(cluster, make_policy)
     assert records is not None
     with Client(coord.info["endpoint"]) as c:
         first = c.send("s@src.test", "dedup@dst.test", b"Subject: d\r\n\r\nx\r\n", id="inj-1")
@@ -163,29 +122,22 @@ def test_retried_injection_with_the_same_id_is_delivered_once(cluster, make_poli
     records.wait_count(3, 30)
     with Client(coord.info["endpoint"]) as c:
         wait_for(lambda: c.request("status")["messages"] == 0, 10, "the spool to empty")
-    got = _delivered(records)
+    got = delivered(records)
     assert got == {"dedup@dst.test": 1, "dedup2@dst.test": 1, "dedup3@dst.test": 1}
 
 
-def _inject_all(endpoint: str, n: int, prefix: str) -> list[str]:
-    body = make_body("s@src.test", "x", 1500, 0)
-    msgs = [Message("s@src.test", [f"{prefix}{i}@dst.test"], body) for i in range(n)]
-    with Client(endpoint) as c:
-        for chunk in c.send_batches([msgs[i : i + 100] for i in range(0, n, 100)]):
-            assert all(r.ok for r in chunk)
-    return [m.recipients[0] for m in msgs]
-
-
-def test_sigkill_of_a_worker_in_a_stream_of_thousands_loses_nothing(cluster, make_policy) -> None:
-    coord, records = _boot(cluster, make_policy)
+def test_sigkill_of_a_worker_in_a_stream_of_thousands_loses_nothing(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, records = boot(cluster, make_policy)
     assert records is not None
     with Client(coord.info["endpoint"]) as c:
         victim = c.request("status")["workers"]["a"]
-    rcpts = _inject_all(coord.info["endpoint"], 3000, "wk-")
+    rcpts = send(coord.info["endpoint"], 3000, "wk-", size=1500, batch=100)
     wait_for(lambda: len(records.refresh()) >= 300, 60, "the stream to be under way")
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: set(rcpts) <= set(_delivered(records)), 120, "all 3000 recipients")
-    lost = set(rcpts) - set(_delivered(records))
+    wait_for(lambda: set(rcpts) <= set(delivered(records)), 120, "all 3000 recipients")
+    lost = set(rcpts) - set(delivered(records))
     assert not lost
     with Client(coord.info["endpoint"]) as c:
         # The kill landed mid-stream: jobs came back from the dead worker, which is restarted.
@@ -198,73 +150,52 @@ def test_sigkill_of_a_worker_in_a_stream_of_thousands_loses_nothing(cluster, mak
 
 
 def test_sigkill_of_the_coordinator_after_acks_loses_nothing(
-    cluster, make_policy, tmp_path: Path
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
 ) -> None:
     sink, records = cluster.sink()
-    policy = make_policy(POLICY)
+    policy = make_policy(TWO_SOURCES)
     workdir = tmp_path / "crashy"
-    coord, _ = _boot(
+    coord, _ = boot(
         cluster, make_policy, sink_port=sink.info["port"], workdir=workdir, policy=policy
     )
     with Client(coord.info["endpoint"]) as c:
         workers = c.request("status")["workers"]
-    rcpts = _inject_all(coord.info["endpoint"], 2000, "ck-")
+    rcpts = send(coord.info["endpoint"], 2000, "ck-", size=1500, batch=100)
     os.kill(coord.pid, signal.SIGKILL)  # right after the last acknowledgement
     coord.popen.wait(10)
     # Workers notice their parent is gone and exit by themselves.
-    for pid in workers.values():
-        wait_for(lambda p=pid: not _pid_alive(p), 20, f"orphaned worker {pid} to exit")
-    coord2, _ = _boot(
+    wait_orphans_exit(workers.values())
+    coord2, _ = boot(
         cluster, make_policy, sink_port=sink.info["port"], workdir=workdir, policy=policy
     )
-    wait_for(lambda: set(rcpts) <= set(_delivered(records)), 120, "all 2000 recipients")
-    assert not set(rcpts) - set(_delivered(records))
+    wait_for(lambda: set(rcpts) <= set(delivered(records)), 120, "all 2000 recipients")
+    assert not set(rcpts) - set(delivered(records))
     with Client(coord2.info["endpoint"]) as c:
         assert c.request("status")["recovered"] > 0  # the kill left acknowledged work behind
         wait_for(lambda: c.request("status")["messages"] == 0, 30, "the spool to empty")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0): look at its state.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 def test_corrupt_spool_entry_is_moved_aside_and_the_rest_loads(
-    cluster, make_policy, tmp_path: Path
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "corrupt"
-    policy = make_policy(POLICY)
-    env = {"TEST_RETRY": "3600", "TEST_MAX_AGE": "86400"}
-    coord, _ = _boot(
-        cluster, make_policy, sink_port=_closed_port(), env=env, workdir=workdir, policy=policy
+    policy = make_policy(TWO_SOURCES)
+    env = SLOW_RETRY
+    coord, _ = boot(
+        cluster, make_policy, sink_port=closed_port(), env=env, workdir=workdir, policy=policy
     )
     with Client(coord.info["endpoint"]) as c:
         ids = [
             c.send("s@src.test", f"c{i}@dst.test", b"Subject: c\r\n\r\nx\r\n").id for i in range(3)
         ]
-    wait_for(lambda: len(_kinds(cluster, coord)) == 3, 30, "three deferrals")
+    wait_for(lambda: len(outcomes(cluster, coord)) == 3, 30, "three deferrals")
     assert coord.stop() == 0
     db = sqlite3.connect(workdir / "spool" / "spool.db")
     db.execute("UPDATE msg SET data = ? WHERE id = ?", (b"flipped bits", ids[1]))
     db.commit()
     db.close()
-    coord2, _ = _boot(
-        cluster, make_policy, sink_port=_closed_port(), env=env, workdir=workdir, policy=policy
+    coord2, _ = boot(
+        cluster, make_policy, sink_port=closed_port(), env=env, workdir=workdir, policy=policy
     )
     with Client(coord2.info["endpoint"]) as c:
         assert c.request("status")["messages"] == 2
@@ -273,8 +204,10 @@ def test_corrupt_spool_entry_is_moved_aside_and_the_rest_loads(
     assert "checksum" in (moved / f"{ids[1]}.json").read_text()
 
 
-def test_injection_refused_below_the_free_space_minimum(cluster, make_policy) -> None:
-    coord, _ = _boot(cluster, make_policy, extra=("--min-free-space", "100000000g"))
+def test_injection_refused_below_the_free_space_minimum(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, _ = boot(cluster, make_policy, extra=("--min-free-space", "100000000g"))
     with Client(coord.info["endpoint"]) as c:
         r = c.send("s@src.test", "full@dst.test", b"Subject: f\r\n\r\nx\r\n")
         assert not r.ok and r.transient
@@ -283,12 +216,14 @@ def test_injection_refused_below_the_free_space_minimum(cluster, make_policy) ->
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root")
-def test_full_tmpfs_spool_refuses_then_recovers(cluster, make_policy, tmp_path: Path) -> None:
+def test_full_tmpfs_spool_refuses_then_recovers(
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
+) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], check=True)
     try:
-        coord, records = _boot(
+        coord, records = boot(
             cluster, make_policy, workdir=mnt / "w", extra=("--min-free-space", "2m")
         )
         assert records is not None
@@ -302,35 +237,35 @@ def test_full_tmpfs_spool_refuses_then_recovers(cluster, make_policy, tmp_path: 
             filler.unlink()
             assert c.send("s@src.test", "after@dst.test", b"Subject: c\r\n\r\nx\r\n").ok
         records.wait_count(2, 30)
-        assert set(_delivered(records)) == {"before@dst.test", "after@dst.test"}
+        assert set(delivered(records)) == {"before@dst.test", "after@dst.test"}
         cluster.stop_all()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_sigterm_drains_in_flight_deliveries(cluster, make_policy) -> None:
-    coord, records = _boot(cluster, make_policy)
+def test_sigterm_drains_in_flight_deliveries(cluster: Cluster, make_policy: MakePolicy) -> None:
+    coord, records = boot(cluster, make_policy)
     assert records is not None
     with Client(coord.info["endpoint"]) as c:
         assert c.send("s@src.test", "slow-1@dst.test", b"Subject: s\r\n\r\nx\r\n").ok
-        wait_for(lambda: c.request("status")["inflight"] == 1, 10, "the slow delivery to start")
+        wait_for(lambda: c.request("status")["dispatched"] == 1, 10, "the slow delivery to start")
     assert coord.stop(timeout=30) == 0
-    assert _kinds(cluster, coord).get("slow-1@dst.test") == ["Delivery"]
-    assert _delivered(records)["slow-1@dst.test"] == 1
+    assert outcomes(cluster, coord).get("slow-1@dst.test") == ["Delivery"]
+    assert delivered(records)["slow-1@dst.test"] == 1
 
 
 def test_repeated_coordinator_kills_during_injection_lose_no_acknowledged_message(
-    cluster, make_policy, tmp_path: Path
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
 ) -> None:
     sink, records = cluster.sink()
-    policy = make_policy(POLICY)
+    policy = make_policy(TWO_SOURCES)
     workdir = tmp_path / "killed-often"
     rng = random.Random(99)
     acked: set[str] = set()
     body = make_body("s@src.test", "x", 1200, 0)
     serial = 0
     for _round in range(3):
-        coord, _ = _boot(
+        coord, _ = boot(
             cluster, make_policy, sink_port=sink.info["port"], workdir=workdir, policy=policy
         )
         killer = threading.Timer(rng.uniform(0.2, 0.6), os.kill, (coord.pid, signal.SIGKILL))
@@ -353,21 +288,22 @@ def test_repeated_coordinator_kills_during_injection_lose_no_acknowledged_messag
             killer.join()
         coord.popen.wait(10)
     assert len(acked) >= 150
-    final, _ = _boot(
+    final, _ = boot(
         cluster, make_policy, sink_port=sink.info["port"], workdir=workdir, policy=policy
     )
-    wait_for(lambda: acked <= set(_delivered(records)), 120, f"all {len(acked)} acked messages")
-    assert not acked - set(_delivered(records))
+    wait_for(lambda: acked <= set(delivered(records)), 120, f"all {len(acked)} acked messages")
+    assert not acked - set(delivered(records))
     with Client(final.info["endpoint"]) as c:
         wait_for(lambda: c.request("status")["messages"] == 0, 30, "the spool to empty")
 
 
 def test_a_timeout_after_the_final_dot_is_transient_and_flagged_as_a_possible_duplicate(
-    cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
     # The sink answers slow- recipients 2 s after the dot; the worker waits 0.5 s.
-    env = {"TEST_RETRY": "3600", "TEST_MAX_AGE": "86400"}
-    coord, records = _boot(cluster, make_policy, env=env, extra=("--smtp-timeout", "data_dot=0.5"))
+    coord, records = boot(
+        cluster, make_policy, env=SLOW_RETRY, extra=("--smtp-timeout", "data_dot=0.5")
+    )
     assert records is not None
     with Client(coord.info["endpoint"]) as c:
         assert c.send("s@src.test", "slow-dup@dst.test", b"Subject: d\r\n\r\nx\r\n").ok
@@ -379,6 +315,6 @@ def test_a_timeout_after_the_final_dot_is_transient_and_flagged_as_a_possible_du
     assert rec["recipient"] == "slow-dup@dst.test" and rec["possible_duplicate"] is True
     assert rec["response"]["code"] == 451
     # The peer did take the message: exactly the duplicate window the flag warns about.
-    wait_for(lambda: _delivered(records)["slow-dup@dst.test"] == 1, 30, "the sink's copy")
+    wait_for(lambda: delivered(records)["slow-dup@dst.test"] == 1, 30, "the sink's copy")
     with Client(coord.info["endpoint"]) as c:
         assert c.request("status")["messages"] == 1  # kept for its retry

@@ -12,21 +12,26 @@ import zmq
 
 from kumopy.client import Client, Message
 from kumopy.harness import wait_for
-from kumopy.inject import make_body
 from kumopy.ipc.framing import decode_header, encode_header
-from tests.conftest_procs import Cluster
-from tests.policies import TWO_SOURCES, boot, delivered, first_record, outcomes
+from tests.conftest_procs import Cluster, MakePolicy
+from tests.policies import (
+    SLOW_RETRY,
+    TWO_SOURCES,
+    boot,
+    delivered,
+    first_record,
+    outcomes,
+    send,
+    wait_orphans_exit,
+)
 
 pytestmark = pytest.mark.integration
-
-# Retries an hour away: the first attempt's outcome is what each test looks at.
-SLOW_RETRY = {"TEST_RETRY": "3600", "TEST_MAX_AGE": "86400"}
 
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "serial"])
 @pytest.mark.parametrize("script", ["data250", "extrareply"])
 def test_a_reply_out_of_step_is_a_transient_failure_never_a_delivery(
-    cluster: Cluster, make_policy, script: str, pipelining: bool
+    cluster: Cluster, make_policy: MakePolicy, script: str, pipelining: bool
 ) -> None:
     sink_extra = () if pipelining else ("--no-pipelining",)
     coord, records = boot(cluster, make_policy, env=SLOW_RETRY, sink_extra=sink_extra)
@@ -45,27 +50,8 @@ def test_a_reply_out_of_step_is_a_transient_failure_never_a_delivery(
     assert not delivered(records)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie still answers kill(0): look at its state
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _inject(endpoint: str, rcpts: list[str], size: int = 1500) -> None:
-    body = make_body("s@src.test", "x", size, 0)
-    msgs = [Message("s@src.test", [r], body) for r in rcpts]
-    with Client(endpoint) as c:
-        for chunk in c.send_batches([msgs[i : i + 100] for i in range(0, len(msgs), 100)]):
-            assert all(r.ok for r in chunk)
-
-
 def test_orphaned_workers_start_nothing_once_the_coordinator_is_killed(
-    cluster: Cluster, make_policy, tmp_path: Path
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
 ) -> None:
     # Each final reply comes 50 ms after the dot, so the sink keeps up and its clock is true.
     sink, records = cluster.sink(extra=("--slow-delay", "0.05"))
@@ -84,14 +70,12 @@ def test_orphaned_workers_start_nothing_once_the_coordinator_is_killed(
     )
     with Client(coord.info["endpoint"]) as c:
         workers = c.request("status")["workers"]
-    rcpts = [f"slow-orphan{i}@dst.test" for i in range(400)]
-    _inject(coord.info["endpoint"], rcpts)
+    rcpts = send(coord.info["endpoint"], 400, "slow-orphan", size=1500, batch=100)
     wait_for(lambda: len(records.refresh()) >= 8, 60, "deliveries to be under way")
     killed_at = time.time()
     os.kill(coord.pid, signal.SIGKILL)
     coord.popen.wait(10)
-    for pid in workers.values():
-        wait_for(lambda p=pid: not _pid_alive(p), 20, f"orphaned worker {pid} to exit")
+    wait_orphans_exit(workers.values())
     before = len(records.refresh())
     coord2, _ = boot(
         cluster,
@@ -119,7 +103,7 @@ def test_orphaned_workers_start_nothing_once_the_coordinator_is_killed(
 
 
 def test_an_8bit_body_is_refused_with_5_6_3_by_a_peer_without_8bitmime(
-    cluster: Cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
     coord, records = boot(cluster, make_policy, sink_extra=("--no-8bitmime",))
     assert records is not None
@@ -137,7 +121,7 @@ def test_an_8bit_body_is_refused_with_5_6_3_by_a_peer_without_8bitmime(
 
 
 def test_a_queue_whose_pool_is_gone_retries_on_its_own_schedule(
-    cluster: Cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
     # As after a restart with a policy that lost the pool: the queue config still gives the
     # retry schedule (0.3 s here), which applies instead of the 20-minute default.
@@ -170,7 +154,7 @@ def _raw_request(endpoint: str, frames: list[bytes]) -> dict[str, object]:
         ctx.term()
 
 
-def test_an_empty_request_gets_a_protocol_error(cluster: Cluster, make_policy) -> None:
+def test_an_empty_request_gets_a_protocol_error(cluster: Cluster, make_policy: MakePolicy) -> None:
     coord, _ = boot(cluster, make_policy)
     reply = _raw_request(coord.info["endpoint"], [b""])
     assert reply["ok"] is False
@@ -180,7 +164,7 @@ def test_an_empty_request_gets_a_protocol_error(cluster: Cluster, make_policy) -
 
 
 def test_a_duplicate_id_in_one_batch_is_never_acknowledged_while_the_spool_refuses(
-    cluster: Cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
     coord, _ = boot(cluster, make_policy, extra=("--min-free-space", "100000000g"))
     body = b"Subject: d\r\n\r\nx\r\n"
@@ -193,7 +177,7 @@ def test_a_duplicate_id_in_one_batch_is_never_acknowledged_while_the_spool_refus
 
 
 def test_a_duplicate_id_from_two_clients_is_never_acknowledged_while_the_spool_refuses(
-    cluster: Cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
     coord, _ = boot(cluster, make_policy, extra=("--min-free-space", "100000000g"))
     message = {"sender": "s@src.test", "recipients": ["d@dst.test"], "data": b"x\r\n", "id": "id"}
@@ -223,6 +207,6 @@ def test_a_duplicate_id_from_two_clients_is_never_acknowledged_while_the_spool_r
         for sock in socks:
             sock.close(0)
         ctx.term()
-    results = [r["result"]["messages"][0] for r in replies]  # type: ignore[index]
+    results = [r["result"]["messages"][0] for r in replies]
     assert [r["ok"] for r in results] == [False, False], results
     assert all(r["error"]["code"] == "spool_full" and not r.get("duplicate") for r in results)

@@ -10,8 +10,8 @@ import pytest
 
 from kumopy.client import Client, Message
 from kumopy.harness import wait_for
-from tests.conftest_procs import Cluster
-from tests.policies import boot, delivered
+from tests.conftest_procs import Cluster, MakePolicy
+from tests.policies import SLOW_RETRY, boot, closed_port, delivered
 
 pytestmark = pytest.mark.integration
 
@@ -24,14 +24,8 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_giant_fan_out_is_refused_with_a_clear_error_and_workers_stay_up(
-    cluster: Cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
     coord, _ = boot(cluster, make_policy, extra=("--heartbeat-timeout", "3"))
     with Client(coord.info["endpoint"], timeout=60) as c:
@@ -56,14 +50,14 @@ def test_a_giant_fan_out_is_refused_with_a_clear_error_and_workers_stay_up(
 
 
 def test_empty_queues_are_dropped_and_status_lists_only_the_largest(
-    cluster: Cluster, make_policy, tmp_path: Path
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
 ) -> None:
     # Nothing reachable: 300 queues keep their messages, and status stays small.
     coord, _ = boot(
         cluster,
         make_policy,
-        sink_port=_closed_port(),
-        env={"TEST_RETRY": "3600", "TEST_MAX_AGE": "86400"},
+        sink_port=closed_port(),
+        env=SLOW_RETRY,
         workdir=tmp_path / "held",
     )
     with Client(coord.info["endpoint"]) as c:
@@ -88,7 +82,7 @@ def test_empty_queues_are_dropped_and_status_lists_only_the_largest(
         wait_for(lambda: c.request("status")["queue_count"] == 0, 30, "idle queues to go")
 
 
-def test_refused_giant_bodies_are_freed_at_once(cluster: Cluster, make_policy) -> None:
+def test_refused_giant_bodies_are_freed_at_once(cluster: Cluster, make_policy: MakePolicy) -> None:
     coord, _ = boot(cluster, make_policy)
     with Client(coord.info["endpoint"], timeout=120) as c:
         c.request("ping")
@@ -118,7 +112,9 @@ def _zmtp_dealer(port: int) -> socket.socket:
     return sock
 
 
-def test_a_frame_declaring_8_gib_is_dropped_not_buffered(cluster: Cluster, make_policy) -> None:
+def test_a_frame_declaring_8_gib_is_dropped_not_buffered(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
     coord, _ = boot(cluster, make_policy)
     port = int(coord.info["endpoint"].rsplit(":", 1)[1])
     before = _rss(coord.pid)

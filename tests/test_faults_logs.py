@@ -10,7 +10,7 @@ import pytest
 
 from kumopy.client import Client, Message
 from kumopy.harness import Proc, read_log_records, wait_for
-from tests.conftest_procs import Cluster, fill
+from tests.conftest_procs import Cluster, MakePolicy, fill
 from tests.policies import boot, delivered
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,11 @@ def _logged(log_dir: Path, kind: str) -> set[str]:
 
 @pytest.mark.parametrize("shared", [False, True], ids=["log-fs", "log-and-spool-fs"])
 def test_a_full_log_file_system_pauses_injection_and_loses_or_doubles_nothing(
-    cluster: Cluster, make_policy, tmpfs: Callable[[str], Path], tmp_path: Path, shared: bool
+    cluster: Cluster,
+    make_policy: MakePolicy,
+    tmpfs: Callable[[str], Path],
+    tmp_path: Path,
+    shared: bool,
 ) -> None:
     fs = tmpfs("4m")
     log_dir = fs / "log"
@@ -97,7 +101,9 @@ def test_a_full_log_file_system_pauses_injection_and_loses_or_doubles_nothing(
     assert max(delivered(records).values()) == 1
 
 
-def test_log_directory_removed_while_segments_rotate(cluster: Cluster, make_policy) -> None:
+def test_log_directory_removed_while_segments_rotate(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
     coord, records = boot(cluster, make_policy, extra=("--log-max-size", "2k"))
     assert records is not None
     log_dir = coord.info["log_dir"]
@@ -117,7 +123,7 @@ def test_log_directory_removed_while_segments_rotate(cluster: Cluster, make_poli
 
 
 def test_log_directory_removed_without_rotation_gets_a_new_segment(
-    cluster: Cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
     coord, records = boot(cluster, make_policy)
     assert records is not None
@@ -134,7 +140,7 @@ def test_log_directory_removed_without_rotation_gets_a_new_segment(
 
 
 def test_outcomes_the_spool_cannot_take_are_bounded_and_push_back(
-    cluster: Cluster, make_policy, tmpfs: Callable[[str], Path], tmp_path: Path
+    cluster: Cluster, make_policy: MakePolicy, tmpfs: Callable[[str], Path], tmp_path: Path
 ) -> None:
     fs = tmpfs("8m")
     # Slow final replies and tiny credits: deliveries trickle, so the push-back shows.

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgpack
 import pytest
 
 from kumopy.errors import InjectionError, ProtocolError
 from kumopy.ipc.framing import PROTOCOL_VERSION, decode_header, encode_header, error_reply
+from kumopy.ipc.inject import InboundMessage, Limits, parse_inject
 from kumopy.ipc.jobs import Job, JobResult, RecipientResult
-from kumopy.ipc.messages import (
-    InboundMessage,
-    Limits,
-    decode_jobs,
-    decode_results,
-    encode_jobs,
-    encode_results,
-    parse_inject,
-)
+from kumopy.ipc.work import decode_jobs, decode_results, encode_jobs, encode_results
 
 
 def test_header_round_trip() -> None:
@@ -51,7 +46,7 @@ def test_error_reply_is_uniform() -> None:
     assert h["error"]["code"] == "protocol_error" and h["error"]["message"] == "bad"
 
 
-def _inject(messages: list[object]) -> dict[str, object]:
+def _inject(messages: Sequence[object]) -> dict[str, object]:
     return decode_header(encode_header("inject", req=1, messages=messages))
 
 
@@ -167,3 +162,48 @@ def test_results_round_trip() -> None:
     assert back == [r]
     with pytest.raises(ProtocolError, match="malformed results"):
         decode_results({"results": [[1, 2]]})
+
+
+def test_inject_request_round_trip_client_side_to_coordinator_side() -> None:
+    from kumopy.ipc.framing import ok_reply
+    from kumopy.ipc.inject import INJECT, Message, decode_inject_reply, encode_inject
+
+    frames = encode_inject(5, [Message("s@x.test", ["r@y.test"], b"hi\r\n", id="i1", tenant="t")])
+    header = decode_header(frames[0])
+    assert header["kind"] == INJECT and header["req"] == 5
+    (msg,) = parse_inject(header, frames, Limits())
+    assert isinstance(msg, InboundMessage)
+    assert (msg.sender, msg.recipients, bytes(msg.data), msg.client_id, msg.meta) == (
+        "s@x.test",
+        ["r@y.test"],
+        b"hi\r\n",
+        "i1",
+        {"tenant": "t"},
+    )
+    reply = ok_reply(5, {"messages": [{"ok": True, "id": "m1", "duplicate": True}]})
+    (result,) = decode_inject_reply(reply, 1)
+    assert result.ok and result.id == "m1" and result.duplicate
+
+
+def test_worker_messages_round_trip() -> None:
+    from kumopy.ipc.work import (
+        BYE,
+        HEARTBEAT,
+        READY,
+        STOP,
+        encode_bye,
+        encode_heartbeat,
+        encode_ready,
+        encode_stop,
+    )
+
+    assert decode_header(encode_ready(7, 123)) | {} == {
+        "v": PROTOCOL_VERSION,
+        "kind": READY,
+        "credit": 7,
+        "pid": 123,
+    }
+    assert decode_header(encode_heartbeat({"queued": 1}))["kind"] == HEARTBEAT
+    assert decode_header(encode_bye())["kind"] == BYE
+    stop = decode_header(encode_stop(2.5))
+    assert (stop["kind"], stop["timeout"]) == (STOP, 2.5)

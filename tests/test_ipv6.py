@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kumopy.client import Client, Message
+from kumopy.client import Client
 from kumopy.harness import (
     Proc,
     SinkRecords,
@@ -24,8 +24,10 @@ from kumopy.harness import (
     start_sink,
     wait_for,
 )
-from kumopy.inject import make_body
 from tests.conftest_procs import policy_file
+from tests.policies import send
+
+pytestmark = pytest.mark.integration
 
 V6_A = "fd00:6b75::2"
 V6_B = "fd00:6b75::3"
@@ -133,25 +135,9 @@ def net(netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         yield n
 
 
-def _send(endpoint: str, n: int, tenant: str, prefix: str) -> list[str]:
-    msgs = [
-        Message(
-            "s@src.test",
-            [f"{prefix}{i}@dst.test"],
-            make_body("s@src.test", "x", 300, i),
-            tenant=tenant,
-        )
-        for i in range(n)
-    ]
-    with Client(endpoint) as client:
-        results = client.send_batch(msgs)
-    assert all(r.ok for r in results), [str(r.error) for r in results if not r.ok][:3]
-    return [m.recipients[0] for m in msgs]
-
-
 def test_ipv6_pool_sends_from_both_addresses_by_weight(net: Net) -> None:
     assert net.endpoint.startswith("ipc://")
-    rcpts = set(_send(net.endpoint, 40, "six", "six-"))
+    rcpts = set(send(net.endpoint, 40, "six-", tenant="six", size=300))
 
     def mine() -> list[dict[str, Any]]:
         return [r for r in net.records.refresh() if r["rcpt_to"][0] in rcpts]
@@ -177,7 +163,7 @@ def test_ipv6_pool_sends_from_both_addresses_by_weight(net: Net) -> None:
 
 
 def test_ipv4_source_does_not_try_an_ipv6_only_host(net: Net) -> None:
-    (rcpt,) = _send(net.endpoint, 1, "four", "four-")
+    (rcpt,) = send(net.endpoint, 1, "four-", tenant="four", size=300)
 
     def failures() -> list[dict[str, Any]]:
         return [r for r in net.log() if r["recipient"] == rcpt and r["type"] != "Reception"]
@@ -225,7 +211,7 @@ def test_a_source_whose_address_disappears_is_suspended_and_the_pool_carries_on(
         # The address goes away after the workers started (their boot check passed).
         gone = _ip(ns, "-6", "addr", "del", f"{V6_B}/128", "dev", "lo")
         assert gone.returncode == 0, gone.stderr
-        rcpts = set(_send(n.endpoint, 20, "six", "u-"))
+        rcpts = set(send(n.endpoint, 20, "u-", tenant="six", size=300))
         wait_for(
             lambda: rcpts <= {r["rcpt_to"][0] for r in n.records.refresh()},
             30,

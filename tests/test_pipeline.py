@@ -9,15 +9,18 @@ import random
 import signal
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 
 from kumopy.client import Client, Message
-from kumopy.harness import Proc, SinkRecords, wait_for
-from kumopy.inject import make_body
-from tests.conftest_procs import Cluster
+from kumopy.harness import wait_for
+from tests.conftest_procs import Cluster, MakePolicy
+from tests.policies import boot, send
+
+pytestmark = pytest.mark.integration
 
 POLICY = """
 import os
@@ -42,44 +45,15 @@ IPS = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
 EHLO = {"127.0.0.2": "a.mta.test", "127.0.0.3": "b.mta.test", "127.0.0.4": "c.mta.test"}
 
 
-def _send(endpoint: str, n: int, tenant: str | None, prefix: str) -> list[str]:
-    msgs = [
-        Message(
-            "s@src.test",
-            [f"{prefix}{i}@dst.test"],
-            make_body("s@src.test", "x", 600, i),
-            tenant=tenant,
-        )
-        for i in range(n)
-    ]
-    with Client(endpoint) as client:
-        results = [
-            r
-            for chunk in client.send_batches([msgs[i : i + 50] for i in range(0, n, 50)])
-            for r in chunk
-        ]
-    assert all(r.ok for r in results), [str(r.error) for r in results if not r.ok][:3]
-    return [m.recipients[0] for m in msgs]
-
-
-def _start(
-    cluster: Cluster,
-    make_policy: Callable[[str], str],
-    body: str = POLICY,
-    raw: bool = False,
-    extra: tuple[str, ...] = (),
-    env: dict[str, str] | None = None,
-) -> tuple[str, Proc, SinkRecords]:
-    sink, records = cluster.sink(raw=raw)
-    env = {"TEST_SINK": f"127.0.0.1:{sink.info['port']}", **(env or {})}
-    coord = cluster.coordinator(make_policy(body), env=env, extra=extra)
-    return coord.info["endpoint"], coord, records
-
-
-def test_two_tenants_leave_from_their_pools_ips_with_their_ehlo(cluster, make_policy) -> None:
-    endpoint, coord, records = _start(cluster, make_policy, extra=("--credit", "2000"))
-    one = _send(endpoint, 300, "one", "one-")
-    two = _send(endpoint, 100, "two", "two-")
+def test_two_tenants_leave_from_their_pools_ips_with_their_ehlo(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, records = boot(
+        cluster, make_policy, policy=make_policy(POLICY), extra=("--credit", "2000")
+    )
+    endpoint = coord.info["endpoint"]
+    one = send(endpoint, 300, "one-", tenant="one")
+    two = send(endpoint, 100, "two-", tenant="two")
     recs = records.wait_count(400, 60)
     by_rcpt = {r["rcpt_to"][0]: r for r in recs}
     assert set(by_rcpt) == set(one) | set(two)
@@ -108,12 +82,15 @@ def test_two_tenants_leave_from_their_pools_ips_with_their_ehlo(cluster, make_po
 
 
 @pytest.mark.parametrize("impl", ["c", "py"])
-def test_weights_hold_in_every_window(cluster, make_policy, impl: str) -> None:
+def test_weights_hold_in_every_window(cluster: Cluster, make_policy: MakePolicy, impl: str) -> None:
     env = {"KUMOPY_NO_EXTENSIONS": "1" if impl == "py" else ""}
-    endpoint, coord, records = _start(cluster, make_policy, extra=("--credit", "2000"), env=env)
+    coord, records = boot(
+        cluster, make_policy, policy=make_policy(POLICY), extra=("--credit", "2000"), env=env
+    )
+    endpoint = coord.info["endpoint"]
     with Client(endpoint) as client:
         assert client.request("status")["fast_impl"] == impl
-    rcpts = _send(endpoint, 90, "one", "w-")
+    rcpts = send(endpoint, 90, "w-", tenant="one")
     records.wait_count(90, 60)
     wait_for(
         lambda: sum(r["type"] == "Delivery" for r in cluster.records(coord)) == 90,
@@ -151,12 +128,13 @@ kumo.on("get_queue_config", qc)
 """
 
 
-def test_default_address_and_shared_ip(cluster, make_policy) -> None:
+def test_default_address_and_shared_ip(cluster: Cluster, make_policy: MakePolicy) -> None:
     body = SHARED_POLICY
-    endpoint, _coord, records = _start(cluster, make_policy, body)
-    _send(endpoint, 4, "plain", "p-")
-    _send(endpoint, 10, "shared", "s-")
-    _send(endpoint, 2, None, "u-")
+    coord, records = boot(cluster, make_policy, policy=make_policy(body))
+    endpoint = coord.info["endpoint"]
+    send(endpoint, 4, "p-", tenant="plain")
+    send(endpoint, 10, "s-", tenant="shared")
+    send(endpoint, 2, "u-")
     recs = records.wait_count(16, 60)
     import socket
 
@@ -170,9 +148,10 @@ def test_default_address_and_shared_ip(cluster, make_policy) -> None:
 
 
 def test_bad_injections_are_answered_and_the_coordinator_keeps_serving(
-    cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
-    endpoint, _coord, records = _start(cluster, make_policy)
+    coord, records = boot(cluster, make_policy, policy=make_policy(POLICY))
+    endpoint = coord.info["endpoint"]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -211,8 +190,11 @@ def test_bad_injections_are_answered_and_the_coordinator_keeps_serving(
     assert recs[0]["rcpt_to"] == ["ok@dst.test"]
 
 
-def test_body_line_endings_and_dots_are_exact_on_the_wire(cluster, make_policy) -> None:
-    endpoint, _coord, records = _start(cluster, make_policy, raw=True)
+def test_body_line_endings_and_dots_are_exact_on_the_wire(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, records = boot(cluster, make_policy, policy=make_policy(POLICY), sink_raw=True)
+    endpoint = coord.info["endpoint"]
     body = b"Subject: dots\r\n\r\n.leading dot\r\n..two\n.bare-lf\rbare-cr\r\n.\r\nend"
     with Client(endpoint) as client:
         assert client.send("s@src.test", "dots@dst.test", body, tenant="one").ok
@@ -229,12 +211,15 @@ def test_body_line_endings_and_dots_are_exact_on_the_wire(cluster, make_policy) 
     )
 
 
-def test_killed_worker_is_restarted_and_its_messages_delivered(cluster, make_policy) -> None:
-    endpoint, _coord, records = _start(cluster, make_policy)
+def test_killed_worker_is_restarted_and_its_messages_delivered(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, records = boot(cluster, make_policy, policy=make_policy(POLICY))
+    endpoint = coord.info["endpoint"]
     with Client(endpoint) as client:
         pids = {name: v for name, v in client.request("status")["workers"].items()}
     victim = pids["b"]
-    rcpts = _send(endpoint, 600, "one", "k-")
+    rcpts = send(endpoint, 600, "k-", tenant="one")
     os.kill(victim, signal.SIGKILL)
     # Duplicates are allowed (at-least-once), so wait for the set, not a count.
     wait_for(
@@ -249,36 +234,40 @@ def test_killed_worker_is_restarted_and_its_messages_delivered(cluster, make_pol
         return st["workers"]["b"] not in (None, victim) and st["sources"]["b"]["credit"] > 0
 
     wait_for(restarted, 30, "worker b to be restarted")
-    more = set(_send(endpoint, 30, "one", "k2-"))
+    more = set(send(endpoint, 30, "k2-", tenant="one"))
     wait_for(lambda: more <= {r["rcpt_to"][0] for r in records.refresh()}, 60, "30 more")
     later = Counter(r["peer_ip"] for r in records.records if r["rcpt_to"][0] in more)
     assert later == {"127.0.0.2": 10, "127.0.0.3": 20}
 
 
 def test_worker_that_cannot_bind_fails_at_boot_without_a_restart_storm(
-    cluster, make_policy
+    cluster: Cluster, make_policy: MakePolicy
 ) -> None:
     body = POLICY.replace('source_address="127.0.0.4"', 'source_address="192.0.2.44"')
-    endpoint, _coord, records = _start(cluster, make_policy, body)
+    coord, records = boot(cluster, make_policy, policy=make_policy(body))
+    endpoint = coord.info["endpoint"]
     with Client(endpoint) as client:
         st = client.request("status")
     assert st["sources"]["c"]["live"] is False
     assert "failed at boot" in st["failures"]["c"]
     # Pool pbc still sends, through b alone.
-    rcpts = _send(endpoint, 10, "two", "f-")
+    rcpts = send(endpoint, 10, "f-", tenant="two")
     recs = records.wait_count(10, 30)
     assert {r["peer_ip"] for r in recs if r["rcpt_to"][0] in set(rcpts)} == {"127.0.0.3"}
 
 
-def test_queue_without_mx_list_waits_with_a_clear_reason(cluster, make_policy) -> None:
+def test_queue_without_mx_list_waits_with_a_clear_reason(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
     body = POLICY.replace("mx_list=[SINK]", "mx_list=None if tenant == 'nomx' else [SINK]")
     body = body.replace(
         '.get(tenant, "unspecified")',
         '.get(tenant, "nosuchpool" if tenant == "badpool" else "unspecified")',
     )
-    endpoint, coord, _records = _start(cluster, make_policy, body)
-    _send(endpoint, 1, "nomx", "n-")
-    _send(endpoint, 1, "badpool", "b-")
+    coord, _ = boot(cluster, make_policy, policy=make_policy(body))
+    endpoint = coord.info["endpoint"]
+    send(endpoint, 1, "n-", tenant="nomx")
+    send(endpoint, 1, "b-", tenant="badpool")
 
     def reasons() -> dict[str, str]:
         return {
@@ -292,18 +281,6 @@ def test_queue_without_mx_list_waits_with_a_clear_reason(cluster, make_policy) -
     assert "nosuchpool" in got["b-0@dst.test"]
     with Client(endpoint) as client:
         assert client.request("status")["messages"] == 2  # kept, waiting for a retry
-
-
-def test_cli_lists_its_subcommands() -> None:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "kumopy", "--help"], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0
-    for cmd in ("run", "inject", "demo", "check-config", "status"):
-        assert cmd in out.stdout
 
 
 def _random_value(rng: random.Random, depth: int = 0) -> object:
@@ -328,8 +305,11 @@ def _random_value(rng: random.Random, depth: int = 0) -> object:
     return rng.choice(choices)()
 
 
-def test_random_malformed_requests_never_stop_the_coordinator(cluster, make_policy) -> None:
-    endpoint, _coord, records = _start(cluster, make_policy)
+def test_random_malformed_requests_never_stop_the_coordinator(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, records = boot(cluster, make_policy, policy=make_policy(POLICY))
+    endpoint = coord.info["endpoint"]
     rng = random.Random(1234)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -371,8 +351,13 @@ def test_random_malformed_requests_never_stop_the_coordinator(cluster, make_poli
     )
 
 
-def test_a_hung_worker_is_terminated_and_restarted(cluster, make_policy) -> None:
-    endpoint, _coord, records = _start(cluster, make_policy, extra=("--heartbeat-timeout", "2.5"))
+def test_a_hung_worker_is_terminated_and_restarted(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
+    coord, records = boot(
+        cluster, make_policy, policy=make_policy(POLICY), extra=("--heartbeat-timeout", "2.5")
+    )
+    endpoint = coord.info["endpoint"]
     with Client(endpoint) as client:
         victim = client.request("status")["workers"]["b"]
     os.kill(victim, signal.SIGSTOP)  # alive but silent: only the missing heartbeat tells
@@ -391,7 +376,7 @@ def test_a_hung_worker_is_terminated_and_restarted(cluster, make_policy) -> None
     with contextlib.suppress(ProcessLookupError):
         os.kill(victim, 0)
         raise AssertionError(f"hung worker {victim} still exists")
-    more = set(_send(endpoint, 30, "one", "h-"))
+    more = set(send(endpoint, 30, "h-", tenant="one"))
     wait_for(lambda: more <= {r["rcpt_to"][0] for r in records.refresh()}, 30, "30 more")
     assert Counter(r["peer_ip"] for r in records.records if r["rcpt_to"][0] in more) == {
         "127.0.0.2": 10,
@@ -399,10 +384,13 @@ def test_a_hung_worker_is_terminated_and_restarted(cluster, make_policy) -> None
     }
 
 
-def test_connection_shaping_options_reach_the_workers(cluster, make_policy) -> None:
+def test_connection_shaping_options_reach_the_workers(
+    cluster: Cluster, make_policy: MakePolicy
+) -> None:
     extra = ("--connection-limit", "1", "--max-deliveries-per-connection", "5")
-    endpoint, _coord, records = _start(cluster, make_policy, extra=extra)
-    rcpts = set(_send(endpoint, 20, "two", "sh-"))  # pool pbc: b and c, 10 each
+    coord, records = boot(cluster, make_policy, policy=make_policy(POLICY), extra=extra)
+    endpoint = coord.info["endpoint"]
+    rcpts = set(send(endpoint, 20, "sh-", tenant="two"))  # pool pbc: b and c, 10 each
     wait_for(lambda: rcpts <= {r["rcpt_to"][0] for r in records.refresh()}, 30, "20 messages")
     conns: dict[str, set[int]] = {}
     for r in records.records:
@@ -411,7 +399,7 @@ def test_connection_shaping_options_reach_the_workers(cluster, make_policy) -> N
     assert {ip: len(c) for ip, c in conns.items()} == {"127.0.0.3": 2, "127.0.0.4": 2}
 
 
-def test_bad_shaping_option_is_refused_before_starting(tmp_path) -> None:
+def test_bad_shaping_option_is_refused_before_starting(tmp_path: Path) -> None:
     import subprocess
     import sys
 

@@ -206,7 +206,8 @@ def test_errors_in_pool_and_event_registration(tmp_path: Path) -> None:
     )
     problems = [i.problem for i in load_error(path).issues]
     assert problems == [
-        "unknown event 'get_queue_confg'; kumopy knows 'init', 'get_queue_config'",
+        "unknown event 'get_queue_confg' (did you mean 'get_queue_config'?); kumopy knows "
+        "'init', 'get_queue_config', 'get_egress_path_config'",
         f"a get_queue_config handler is already registered at {path}:11; keep one",
         "the init handler must accept (no arguments)",
         "unknown option; a pool takes name and entries",

@@ -6,9 +6,13 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from kumopy.client import Client, Message
 from kumopy.harness import wait_for
 from tests.conftest_procs import Cluster, policy_file
+
+pytestmark = pytest.mark.integration
 
 POLICY = """
 import os

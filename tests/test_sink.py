@@ -245,6 +245,7 @@ def test_parse_listen() -> None:
         parse_listen("localhost")
 
 
+@pytest.mark.integration
 def test_cli_records_to_file_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = SinkProcess(tmp_path, "--raw", "--no-pipelining")
     try:
@@ -262,6 +263,7 @@ def test_cli_records_to_file_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert rec["pipelined"] is False
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("module", "usage"),
     [

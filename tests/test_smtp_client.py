@@ -15,7 +15,8 @@ from kumopy.errors import (
     SMTPReplyError,
     SourceBindError,
 )
-from kumopy.smtp.client import END_OF_DATA, SMTPClient, Timeouts
+from kumopy.smtp.client import SMTPClient
+from kumopy.smtp.protocol import END_OF_DATA, Timeouts
 from kumopy.smtp.replies import Reply, ReplyReader, parse_reply
 from kumopy.smtp.wire import encode_data
 from tests.smtp_peer import AiosmtpdPeer, refusing_port, running_sink
@@ -271,7 +272,7 @@ def test_greeting_421_and_connect_failures() -> None:
     with running_sink(greeting_code=421) as sink:
         with pytest.raises(SMTPReplyError) as info:
             run(lambda: connected(sink.port))
-        assert info.value.smtp_code == 421 and info.value.command == "banner"
+        assert info.value.reply.code == 421 and info.value.reply.command == "banner"
     with refusing_port() as port:
         with pytest.raises(DeliveryError, match="Connection refused") as refused:
             run(lambda: connected(port, source_address="127.0.0.3"))

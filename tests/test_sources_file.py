@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from kumopy.config import UNSPECIFIED, EgressPool, EgressSource, PoolEntry, build_config
+from kumopy.config import UNSPECIFIED, EgressPool, EgressSource, PoolEntry
 from kumopy.errors import ConfigError, ConfigIssue
 from kumopy.policy import load_policy
 from kumopy.sources_file import SourcesMerger, parse_sources_text, read_sources_file
+from kumopy.validation import build_config
 
 DATA = Path(__file__).parent / "data"
 FACTS_EXAMPLE = """\

@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -19,24 +18,10 @@ import pytest
 from kumopy.client import Client
 from kumopy.coordinator.spool import SpooledMeta, SpoolStore
 from kumopy.errors import SpoolError, SpoolLockedError, error_from_dict
-from kumopy.harness import Proc, SinkRecords, wait_for
+from kumopy.harness import Proc, wait_for
 from kumopy.inject import make_body
-from tests.conftest_procs import Cluster
-
-POLICY = """
-import os
-SINK = os.environ["TEST_SINK"]
-
-@kumo.on("init")
-def init():
-    kumo.define_egress_source(name="a", source_address="127.0.0.2", ehlo_domain="a.mta.test")
-    kumo.define_egress_pool(name="p", entries=[{"name": "a"}])
-
-@kumo.on("get_queue_config")
-def qc(domain, tenant, campaign, routing_domain):
-    return kumo.make_queue_config(egress_pool="p", mx_list=[SINK], retry_interval=0.2,
-                                  max_retry_interval=1, max_age=3600)
-"""
+from tests.conftest_procs import Cluster, MakePolicy
+from tests.policies import ONE_SOURCE, boot, delivered
 
 
 def _fill(directory: Path, n: int, body: Callable[[int], bytes]) -> list[str]:
@@ -205,17 +190,13 @@ def test_a_salvage_interrupted_after_moving_the_damaged_file_is_finished(tmp_pat
 
 
 # -- real processes ----------------------------------------------------------------------------
-def _delivered(records: SinkRecords) -> Counter[str]:
-    return Counter(rcpt for r in records.refresh() if r["code"] == 250 for rcpt in r["rcpt_to"])
-
-
 @pytest.mark.integration
 def test_a_second_kumopy_run_on_one_spool_exits_naming_the_first(
-    cluster: Cluster, make_policy: Callable[[str], str], tmp_path: Path
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
 ) -> None:
     sink, records = cluster.sink()
     env = {"TEST_SINK": f"127.0.0.1:{sink.info['port']}"}
-    policy = make_policy(POLICY)
+    policy = make_policy(ONE_SOURCE)
     workdir = tmp_path / "first"
     first = cluster.coordinator(policy, workdir=workdir, env=env)
     other = tmp_path / "second"
@@ -242,29 +223,26 @@ def test_a_second_kumopy_run_on_one_spool_exits_naming_the_first(
     assert first.alive()
     with Client(first.info["endpoint"]) as c:
         assert c.send("s@src.test", "still@dst.test", b"Subject: s\r\n\r\nx\r\n").ok
-    wait_for(lambda: _delivered(records)["still@dst.test"] == 1, 30, "the first run to deliver")
+    wait_for(lambda: delivered(records)["still@dst.test"] == 1, 30, "the first run to deliver")
 
 
 @pytest.mark.integration
 def test_a_coordinator_on_a_spool_with_a_corrupt_page_delivers_what_was_salvaged(
-    cluster: Cluster, make_policy: Callable[[str], str], tmp_path: Path
+    cluster: Cluster, make_policy: MakePolicy, tmp_path: Path
 ) -> None:
     workdir = tmp_path / "damaged"
     body = make_body("s@src.test", "x", 2000, 0)
     ids = _fill(workdir / "spool", 200, lambda i: body)
     on_page = _corrupt_msg_leaf(workdir / "spool" / "spool.db")
-    sink, records = cluster.sink()
-    coord = cluster.coordinator(
-        make_policy(POLICY), workdir=workdir, env={"TEST_SINK": f"127.0.0.1:{sink.info['port']}"}
-    )
+    coord, records = boot(cluster, make_policy, policy=make_policy(ONE_SOURCE), workdir=workdir)
     reports = list((workdir / "spool" / "quarantine").glob("spool-*.json"))
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())
     lost = {ids.index(m) for m in report["lost_ids"]}
     assert lost == {rowid - 1 for rowid in on_page} and report["salvaged"] == 200 - len(lost)
     want = {f"salv{i}@dst.test" for i in range(200) if i not in lost}
-    wait_for(lambda: set(_delivered(records)) == want, 60, f"{len(want)} salvaged messages")
+    wait_for(lambda: set(delivered(records)) == want, 60, f"{len(want)} salvaged messages")
     with Client(coord.info["endpoint"]) as c:
         assert c.request("status")["recovered"] == len(want)
         wait_for(lambda: c.request("status")["messages"] == 0, 30, "the spool to empty")
-    assert all(v == 1 for v in _delivered(records).values())
+    assert all(v == 1 for v in delivered(records).values())

@@ -17,13 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kumopy.config import EgressSource
+from kumopy.ipc.work import WORKER_BOOT_ERROR
 
-__all__ = ["WORKER_BOOT_ERROR", "Arbiter", "WorkerSlot"]
+__all__ = ["Arbiter", "WorkerSlot"]
 
 log = logging.getLogger(__name__)
-
-WORKER_BOOT_ERROR = 3
-"""Exit code a worker uses when it cannot start at all; it is not restarted."""
 
 STORM_RESTARTS = 5
 """More restarts than this within STORM_WINDOW seconds stop restarting a source."""

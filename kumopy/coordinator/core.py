@@ -214,7 +214,7 @@ class Core:
         book = self.book
         return {
             "messages": len(book.msgs),
-            "inflight": len(d.dispatched),
+            "dispatched": len(d.dispatched),
             "backlog": d.backlog_count(),
             "delayed": len(book.due),
             "requeued": d.requeued,
@@ -229,7 +229,7 @@ class Core:
                     "source_address": s.source_address,
                     "ehlo_domain": s.ehlo_domain,
                     "credit": d.worker_credit(i),
-                    "inflight": len(d.by_source[i]),
+                    "dispatched": len(d.by_source[i]),
                     "backlog": len(d.backlog[i]),
                     "suspended": d.suspended[i][1] if i in d.suspended else None,
                     "down": d.down.get(i),

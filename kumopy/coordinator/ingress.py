@@ -19,7 +19,7 @@ from kumopy.errors import (
     SpoolError,
 )
 from kumopy.ipc.framing import decode_header, error_reply, ok_reply
-from kumopy.ipc.messages import InboundMessage, Limits, parse_inject
+from kumopy.ipc.inject import INJECT, PING, STATUS, InboundMessage, Limits, parse_inject
 from kumopy.smtp.wire import domain_of
 
 __all__ = ["Ingress", "split_by_domain"]
@@ -116,11 +116,11 @@ class Ingress:
         """Answer a control request at once, or add an inject request to the batch (None)."""
         kind = header["kind"]
         req = header.get("req")
-        if kind == "ping":
+        if kind == PING:
             return ok_reply(req, {"pong": True})
-        if kind == "status":
+        if kind == STATUS:
             return ok_reply(req, self.status(header))
-        if kind != "inject":
+        if kind != INJECT:
             raise ProtocolError(f"unknown request kind {kind!r}")
         refusal = self._refusal()
         if refusal is not None:

@@ -153,20 +153,36 @@ class LogWriter:
         """Return how many records wait in memory for the file."""
         return self._buf.count(b"\n")
 
-    def take_unwritten(self) -> bytes:
-        """Return the buffered records (from the start of the first one) and forget them."""
-        data = bytes(self._buf)
+    def keep_unwritten(self, path: Path) -> None:
+        """Save records that could not be written to `path` (at a stop), for the next start."""
+        if not self._buf:
+            return
+        count = self.unwritten
+        try:
+            with open(path, "wb") as fh:
+                fh.write(self._buf)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            log.critical("%d log records could neither be written nor kept (%s)", count, exc)
+            return
         self._buf.clear()
         self._head = 0
-        return data
+        log.error("kept %d unwritten log records in %s for the next start", count, path)
 
-    def restore(self, data: bytes) -> None:
-        """Put back records kept elsewhere (after a restart); they go out before new ones."""
+    def restore_unwritten(self, path: Path) -> None:
+        """Write first the records an earlier run kept in `path`, and remove the file."""
+        if not path.exists():
+            return
+        data = path.read_bytes()
         self._buf[:0] = data
         self._head = 0
+        if self.flush():
+            path.unlink()
+            log.warning("wrote %d log records kept from the last run", data.count(b"\n"))
 
     def close(self) -> None:
-        """Flush and close the file (records that cannot be written stay for take_unwritten)."""
+        """Flush and close the file (records that cannot be written stay for keep_unwritten)."""
         self.flush()
         self._close_fd()
 

@@ -1,42 +1,38 @@
-"""The coordinator process: sockets, the main loop, signals, supervision and shutdown."""
+"""The coordinator process: its sockets, the main loop, signals, supervision and shutdown."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
 import shutil
 import signal
 import socket
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import zmq
 
 from kumopy import sdnotify
 from kumopy._fast import IMPLEMENTATION
 from kumopy.coordinator.arbiter import Arbiter, WorkerSlot
-from kumopy.coordinator.core import Core, CoreSettings
+from kumopy.coordinator.core import Core
 from kumopy.coordinator.ingress import Ingress
 from kumopy.coordinator.logs import LogWriter
+from kumopy.coordinator.options import RunOptions, check_listen_endpoint
 from kumopy.coordinator.spool import SpoolStore
-from kumopy.errors import ConfigError, KumoError, PolicyError, ProtocolError
-from kumopy.ipc.framing import MAX_HEADER_BYTES, decode_header, encode_header
+from kumopy.coordinator.worklink import WorkLink
+from kumopy.errors import ConfigError, PolicyError
+from kumopy.ipc.framing import MAX_HEADER_BYTES
 from kumopy.ipc.jobs import Job
-from kumopy.ipc.messages import Limits, decode_results, encode_jobs
 from kumopy.metrics import MetricsExporter
 from kumopy.policy import Policy, load_policy
 
-__all__ = ["DEFAULT_ENDPOINT", "Coordinator", "RunOptions", "check_listen_endpoint"]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:2025"
 _INGRESS_BATCH = 256
 _INGRESS_FRAMES = 4096
 _UNLOGGED = "unlogged.jsonl"
@@ -48,52 +44,6 @@ def _bounded_int(value: Any, default: int, top: int) -> int:
     if type(value) is not int or value < 0:
         return default
     return min(value, top)
-
-
-@dataclass(slots=True)
-class RunOptions:
-    """What `kumopy run` was asked to do."""
-
-    listen: str = DEFAULT_ENDPOINT
-    spool_dir: str = "var/spool"
-    start_empty: bool = False
-    """Move an empty or unreadable spool.db to quarantine and start with an empty spool."""
-    log_dir: str | None = "var/log"
-    log_max_bytes: int = 256 * 1024 * 1024
-    fsync: bool = True
-    min_free_bytes: int = 64 * 1024 * 1024
-    dedup_window: float = 86400.0
-    """How long an injection id is remembered for de-duplication, in seconds."""
-    limits: Limits = field(default_factory=Limits)
-    credit: int = 256
-    drain_timeout: float = 30.0
-    heartbeat_timeout: float = 15.0
-    """A worker silent this long is terminated (SIGTERM, then SIGKILL) and restarted."""
-    allow_remote: bool = False
-    core: CoreSettings = field(default_factory=CoreSettings)
-    worker_args: list[str] = field(default_factory=list)
-    ready_file: str | None = None
-    """Write the bound ingress endpoint here once every worker is ready (tests, demo)."""
-    metrics: tuple[str, int] | None = None
-    """Serve Prometheus metrics on this (host, port)."""
-
-
-def check_listen_endpoint(endpoint: str, allow_remote: bool) -> None:
-    """Refuse a non-loopback tcp endpoint unless the operator allowed it explicitly."""
-    if not endpoint.startswith("tcp://"):
-        if endpoint.startswith(("ipc://", "inproc://")):
-            return
-        raise ConfigError(f"--listen {endpoint!r}: use tcp://HOST:PORT or ipc://PATH")
-    host = urlsplit(endpoint).hostname or ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not allow_remote:
-        raise ConfigError(
-            f"--listen {endpoint!r} is not a loopback address; injection has no authentication "
-            "yet, so pass --allow-remote-ingress to listen there anyway"
-        )
 
 
 class Coordinator:
@@ -114,16 +64,22 @@ class Coordinator:
             start_empty=options.start_empty,
         )
         self.logs = LogWriter(options.log_dir, max_bytes=options.log_max_bytes)
-        self._restore_unlogged()
-        self.core = Core(policy, self.spool, self.logs, self._send_jobs, options.core)
+        self.logs.restore_unwritten(Path(options.spool_dir) / _UNLOGGED)
+        self.core = Core(
+            policy,
+            self.spool,
+            self.logs,
+            lambda s, jobs: self.link.send_jobs(s, jobs),
+            options.core,
+        )
         self.ingress_handler = Ingress(self.core, options.limits, self.status)
         self.ctx = zmq.Context()
         self.run_dir = tempfile.mkdtemp(prefix="kumopy-")
-        self.worker_endpoint = f"ipc://{self.run_dir}/workers"
+        worker_endpoint = f"ipc://{self.run_dir}/workers"
         self.workers = self._socket(zmq.ROUTER)
         self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.workers.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.workers.bind(self.worker_endpoint)
+        self.workers.bind(worker_endpoint)
         self.ingress = self._socket(zmq.ROUTER)
         # ZeroMQ drops a peer whose frame declares more than this, before buffering it: a
         # body somewhat past --max-message-size still gets a clear error, a giant never lands.
@@ -132,15 +88,15 @@ class Coordinator:
         )
         self.ingress.bind(options.listen)
         self.endpoint = self.ingress.getsockopt_string(zmq.LAST_ENDPOINT)
-        args = ["--credit", str(options.credit), *options.worker_args]
         self.arbiter = Arbiter(
             self.core.sources,
-            self.worker_endpoint,
+            worker_endpoint,
             self._worker_exited,
-            args,
+            ["--credit", str(options.credit), *options.worker_args],
             stale_after=options.heartbeat_timeout,
             kill_grace=options.heartbeat_timeout / 3,
         )
+        self.link = WorkLink(self.workers, self.core, self.arbiter, self._worker_ready)
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -199,7 +155,7 @@ class Coordinator:
         log.info("policy reloaded from %s", policy.path)
         return True
 
-    # -- start -------------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------
     def recover(self) -> int:
         """Load every message of the spool into its queue."""
         now = time.time()
@@ -217,8 +173,15 @@ class Coordinator:
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
         self._install_signals()
-        self.recover()
-        self.arbiter.start_all()
+        try:
+            self.recover()
+            self.arbiter.start_all()
+            self._loop()
+        finally:
+            self.shutdown()
+        return 0
+
+    def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.ingress, zmq.POLLIN)
         poller.register(self.workers, zmq.POLLIN)
@@ -226,50 +189,43 @@ class Coordinator:
         last_tick = last_watchdog = last_prune = 0.0
         stop_deadline = 0.0
         busy = False
-        try:
-            while True:
-                now = time.time()
-                timeout = 0 if busy else self._poll_timeout(now)
-                events = dict(poller.poll(timeout))
-                if self._wake_r.fileno() in events or self._signals:
-                    self._dispatch_signals()
-                if self.workers in events:
-                    self._read_workers()
-                if self.ingress in events:
-                    self._read_ingress()
-                now = time.time()
-                # Spin without sleeping only while a turn used its whole budget: work remains.
-                busy = False
-                if not self.stopping:
-                    busy = self.core.step(now) >= self.options.core.dispatch_budget
-                self.core.outcomes.commit()
-                mono = time.monotonic()
-                if mono - last_tick >= 0.2:
-                    last_tick = mono
-                    self.arbiter.tick()
-                    self.core.tick(now)
-                    if mono - last_prune >= 60.0:
-                        last_prune = mono
-                        self.spool.prune_client_ids(now - self.options.dedup_window)
-                    if mono - last_watchdog >= 1.0:
-                        last_watchdog = mono
-                        sdnotify.notify("WATCHDOG=1")
-                        if self.metrics is not None:
-                            # No queue list: a metrics scrape must not cost O(queues).
-                            self.metrics.update(self.status({"queues_limit": 0}))
-                if self.stopping:
-                    if not stop_deadline:
-                        stop_deadline = mono + self.options.drain_timeout
-                    if not self.arbiter.alive():
-                        break
-                    if mono > stop_deadline:
-                        log.warning("drain timeout passed; killing remaining workers")
-                        self.arbiter.terminate_all(signal.SIGKILL)
-                        self.arbiter.wait_all(mono + 5)
-                        break
-        finally:
-            self.shutdown()
-        return 0
+        while True:
+            now = time.time()
+            events = dict(poller.poll(0 if busy else self._poll_timeout(now)))
+            if self._wake_r.fileno() in events or self._signals:
+                self._dispatch_signals()
+            if self.workers in events:
+                self.link.read()
+            if self.ingress in events:
+                self._read_ingress()
+            now = time.time()
+            # Spin without sleeping only while a turn used its whole budget: work remains.
+            busy = not self.stopping and self.core.step(now) >= self.options.core.dispatch_budget
+            self.core.outcomes.commit()
+            mono = time.monotonic()
+            if mono - last_tick >= 0.2:
+                last_tick = mono
+                self.arbiter.tick()
+                self.core.tick(now)
+                if mono - last_prune >= 60.0:
+                    last_prune = mono
+                    self.spool.prune_client_ids(now - self.options.dedup_window)
+                if mono - last_watchdog >= 1.0:
+                    last_watchdog = mono
+                    sdnotify.notify("WATCHDOG=1")
+                    if self.metrics is not None:
+                        # No queue list: a metrics scrape must not cost O(queues).
+                        self.metrics.update(self.status({"queues_limit": 0}))
+            if self.stopping:
+                if not stop_deadline:
+                    stop_deadline = mono + self.options.drain_timeout
+                if not self.arbiter.alive():
+                    return
+                if mono > stop_deadline:
+                    log.warning("drain timeout passed; killing remaining workers")
+                    self.arbiter.terminate_all(signal.SIGKILL)
+                    self.arbiter.wait_all(mono + 5)
+                    return
 
     def _poll_timeout(self, now: float) -> int:
         nxt = self.core.book.due.next_due()
@@ -278,7 +234,6 @@ class Coordinator:
             wait = min(wait, self.core.settings.outcome_delay)
         return int(wait * 1000) + (1 if wait > 0 else 0)
 
-    # -- sockets -----------------------------------------------------------------------------
     def _read_ingress(self) -> None:
         batch: list[list[zmq.Frame]] = []
         frames_read = 0
@@ -299,47 +254,18 @@ class Coordinator:
             except zmq.ZMQError as exc:
                 log.warning("cannot answer an injector: %s", exc)
 
-    def _read_workers(self) -> None:
-        now = time.time()
-        for _ in range(1024):
-            try:
-                frames = self.workers.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            name = frames[0].bytes.decode("utf-8", "replace")
-            src = self.core.source_index.get(name)
-            if src is None or len(frames) < 2:
-                log.warning("message from unknown worker %r ignored", name)
-                continue
-            try:
-                header = decode_header(frames[1].buffer)
-                self._worker_message(src, header, now)
-            except (KumoError, KeyError, TypeError, ValueError) as exc:
-                # A bad frame from a worker is logged and dropped; it must not stop the loop.
-                log.error("bad message from worker %s: %s", name, exc)
+    # -- workers -----------------------------------------------------------------------------
+    def _send_jobs(self, src: int, jobs: list[Job]) -> None:
+        self.link.send_jobs(src, jobs)
 
-    def _worker_message(self, src: int, header: dict[str, Any], now: float) -> None:
-        kind = header["kind"]
-        self.arbiter.seen(src)
-        if kind == "results":
-            self.core.handle_results(src, decode_results(header), now)
-        elif kind == "ready":
-            credit = int(header["credit"])
-            log.info(
-                "worker %s ready (pid %s, credit %d)",
-                self.core.sources[src].name,
-                header.get("pid"),
-                credit,
-            )
-            self.core.dispatcher.worker_ready(src, credit)
-            self._ready_seen.add(src)
-            self._maybe_announce_ready()
-        elif kind == "heartbeat":
-            pass
-        elif kind == "bye":
-            self.core.dispatcher.worker_stopping(src)
-        else:
-            raise ProtocolError(f"unknown worker message kind {kind!r}")
+    def _worker_ready(self, src: int) -> None:
+        self._ready_seen.add(src)
+        self._maybe_announce_ready()
+
+    def _worker_exited(self, slot: WorkerSlot, reason: str) -> None:
+        self._ready_seen.discard(slot.index)
+        self.core.dispatcher.worker_gone(slot.index, slot.failed)
+        self._maybe_announce_ready()
 
     def _maybe_announce_ready(self) -> None:
         if self._ready_announced:
@@ -354,54 +280,6 @@ class Coordinator:
             tmp = Path(self.options.ready_file + ".tmp")
             tmp.write_text(self.endpoint)
             tmp.replace(self.options.ready_file)
-
-    def _send_jobs(self, src: int, jobs: list[Job]) -> None:
-        name = self.core.sources[src].name.encode()
-        try:
-            # Zero-copy pays only for large bodies; small frames are cheaper to copy.
-            big = any(len(j.data) > 65536 for j in jobs)
-            self.workers.send_multipart([name, *encode_jobs(jobs)], copy=not big)
-        except zmq.ZMQError as exc:
-            # The worker vanished between Ready and now: give the jobs back right away.
-            log.warning(
-                "worker %s unreachable (%s); requeueing %d jobs", name.decode(), exc, len(jobs)
-            )
-            self.core.dispatcher.worker_gone(src, None)
-
-    def _restore_unlogged(self) -> None:
-        """Put back log records an earlier run could not write; they go out first."""
-        path = Path(self.options.spool_dir) / _UNLOGGED
-        if path.exists():
-            data = path.read_bytes()
-            self.logs.restore(data)
-            if self.logs.flush():
-                path.unlink()
-                log.warning("wrote %d log records kept from the last run", data.count(b"\n"))
-
-    def _keep_unlogged(self) -> None:
-        """Keep log records that could not be written next to the spool, for the next start."""
-        data = self.logs.take_unwritten()
-        if not data:
-            return
-        path = Path(self.options.spool_dir) / _UNLOGGED
-        try:
-            with open(path, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            log.critical(
-                "%d log records could neither be written nor kept (%s); they are lost",
-                data.count(b"\n"),
-                exc,
-            )
-            return
-        log.error("kept %d unwritten log records in %s for the next start", data.count(b"\n"), path)
-
-    def _worker_exited(self, slot: WorkerSlot, reason: str) -> None:
-        self._ready_seen.discard(slot.index)
-        self.core.dispatcher.worker_gone(slot.index, slot.failed)
-        self._maybe_announce_ready()
 
     def status(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
         """Return the queue counters plus each worker's pid and failure, if any.
@@ -432,12 +310,7 @@ class Coordinator:
         self.arbiter.stopping = True
         self.ingress_handler.refusing = "coordinator is shutting down; try again later"
         sdnotify.notify("STOPPING=1")
-        stop = encode_header("stop", timeout=self.options.drain_timeout)
-        for slot in self.arbiter.alive():
-            try:
-                self.workers.send_multipart([slot.source.name.encode(), stop])
-            except zmq.ZMQError:
-                self.arbiter.terminate_all()
+        self.link.stop_all(self.options.drain_timeout)
 
     def shutdown(self) -> None:
         """Close everything; messages still in flight stay in the spool for the next start."""
@@ -449,7 +322,7 @@ class Coordinator:
                 self.arbiter.wait_all(time.monotonic() + 5)
         self.core.outcomes.commit(force=True)
         self.logs.close()
-        self._keep_unlogged()
+        self.logs.keep_unwritten(Path(self.options.spool_dir) / _UNLOGGED)
         self.spool.close()
         if self.metrics is not None:
             self.metrics.close()

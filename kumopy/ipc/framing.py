@@ -83,7 +83,6 @@ def error_reply(req: Any, error: KumoError | str, code: str | None = None) -> by
     """Pack the uniform failure envelope for request `req`."""
     if isinstance(error, KumoError):
         err = error.to_dict()
-        err.setdefault("transient", bool(getattr(error, "transient", False)))
     else:
         err = {"type": "KumoError", "code": code or "error", "message": error, "transient": False}
     if code:

@@ -7,12 +7,9 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import socket
 import struct
-from collections import deque
-from dataclasses import dataclass, fields
-from typing import cast
+from dataclasses import dataclass
 
 from kumopy.errors import (
     DeliveryError,
@@ -21,53 +18,19 @@ from kumopy.errors import (
     SMTPReplyError,
     SourceBindError,
 )
-from kumopy.smtp.replies import Reply, ReplyReader, synthesized
+from kumopy.hostnames import UNSAFE
+from kumopy.smtp.protocol import END_OF_DATA, ClientProtocol, Timeouts
+from kumopy.smtp.replies import Reply, synthesized
 from kumopy.smtp.wire import wire_address
 
-__all__ = [
-    "END_OF_DATA",
-    "SMTPClient",
-    "Timeouts",
-    "TransactionResult",
-]
+__all__ = ["SMTPClient", "TransactionResult"]
 
 log = logging.getLogger(__name__)
 
-END_OF_DATA = "."
-"""The `command` label of the reply that follows the final dot of the message."""
 
 _CRLF = b"\r\n"
-_UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")
 _QUIT_TIMEOUT = 5.0
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Per-step SMTP timeouts in seconds (defaults are KumoMTA's)."""
-
-    connect: float = 60.0
-    """TCP connection establishment."""
-    banner: float = 60.0
-    """Waiting for the 220 greeting."""
-    ehlo: float = 300.0
-    """Reply to EHLO or HELO."""
-    mail_from: float = 300.0
-    """Reply to MAIL FROM."""
-    rcpt_to: float = 300.0
-    """Reply to each RCPT TO."""
-    data: float = 300.0
-    """Reply to DATA, and writing the message body."""
-    data_dot: float = 300.0
-    """Reply after the final dot."""
-    idle: float = 5.0
-    """How long an unused connection stays open."""
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"timeout {f.name} must be a positive number, not {value!r}")
 
 
 @dataclass(slots=True)
@@ -85,21 +48,6 @@ def _done(replies: list[Reply | None]) -> TransactionResult:
     if None in replies:
         raise AssertionError("a recipient was left without a reply")
     return TransactionResult(replies)  # type: ignore[arg-type]
-
-
-EXPECTED: dict[str, tuple[int, ...]] = {
-    "banner": (220,),
-    "EHLO": (250,),
-    "HELO": (250,),
-    "MAIL FROM": (250,),
-    "RCPT TO": (250, 251),
-    "DATA": (354,),
-    END_OF_DATA: (250,),
-    "RSET": (250,),
-    "NOOP": (250,),
-    "QUIT": (221,),
-}
-"""The positive reply each command calls for; any other positive reply is a protocol error."""
 
 
 class _Transaction:
@@ -120,96 +68,11 @@ class _Transaction:
         """True once the final dot may have reached the server (a possible duplicate)."""
 
 
-def _expire(fut: asyncio.Future[None]) -> None:
-    """Fail a pending wait with TimeoutError (a loop.call_later callback)."""
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
-def _wake(fut: asyncio.Future[None] | None) -> None:
-    """Complete a pending wait, if any."""
-    if fut is not None and not fut.done():
-        fut.set_result(None)
-
-
-class _ClientProtocol(asyncio.Protocol):
-    """Collect replies from the transport and wake whoever waits for them."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.reader = ReplyReader()
-        self.replies: deque[Reply] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.drain_waiter: asyncio.Future[None] | None = None
-        self.exc: Exception | None = None
-        self.paused = False
-        self.closed: asyncio.Future[None] = loop.create_future()
-        # Replies owed by the server: the banner, plus one per command written. A reply beyond
-        # them can only be matched to the wrong command, so it ends the session.
-        self.owed = 1
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport."""
-        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        """Parse replies out of the received bytes."""
-        try:
-            replies = self.reader.feed(data)
-        except ProtocolError as exc:
-            self.fail(exc)
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if replies:
-            self.owed -= len(replies)
-            if self.owed < 0:
-                self.fail(
-                    ProtocolError(
-                        f"the server sent {-self.owed} more repl{'y' if self.owed == -1 else 'ies'}"
-                        f" than commands were sent (last: {replies[-1]})"
-                    )
-                )
-                if self.transport is not None:
-                    self.transport.abort()
-                return
-            self.replies.extend(replies)
-            _wake(self.waiter)
-
-    def eof_received(self) -> bool:
-        """Let the transport close: the peer will not send anything more."""
-        self.fail(ConnectionResetError("connection closed by the peer"))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Record the loss and wake every waiter."""
-        self.fail(exc or ConnectionResetError("connection closed"))
-        _wake(self.closed)
-
-    def pause_writing(self) -> None:
-        """Note that the transport's write buffer is full."""
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        """Note that the transport's write buffer has drained."""
-        self.paused = False
-        _wake(self.drain_waiter)
-
-    def fail(self, exc: Exception) -> None:
-        """Remember the first failure and wake waiters so they see it."""
-        if self.exc is None:
-            self.exc = exc
-        _wake(self.waiter)
-        _wake(self.drain_waiter)
-
-
 class SMTPClient:
     """One SMTP session: connect, EHLO, then any number of transactions until quit()."""
 
     def __init__(self) -> None:
-        self._proto: _ClientProtocol | None = None
+        self._proto: ClientProtocol | None = None
         self._timeouts = Timeouts()
         self.extensions: dict[str, str] = {}
         """EHLO keywords (upper case) mapped to their parameters."""
@@ -258,7 +121,7 @@ class SMTPClient:
         timeouts: Timeouts | None = None,
     ) -> Reply:
         """Open the session from source_address and greet; return the EHLO/HELO reply."""
-        if not ehlo_domain or _UNSAFE.search(ehlo_domain) or not ehlo_domain.isascii():
+        if not ehlo_domain or UNSAFE.search(ehlo_domain) or not ehlo_domain.isascii():
             raise ValueError(f"invalid EHLO domain {ehlo_domain!r}")
         if self._proto is not None:
             raise RuntimeError("SMTPClient.connect() called twice")
@@ -290,7 +153,7 @@ class SMTPClient:
                     f"connect to {self._where} failed: {self._explain(exc)}"
                 ) from exc
             self.local_address, self.local_port = sock.getsockname()[:2]
-            proto = _ClientProtocol(loop)
+            proto = ClientProtocol(loop)
             await loop.create_connection(lambda: proto, sock=sock)
         except BaseException:
             sock.close()
@@ -298,9 +161,9 @@ class SMTPClient:
         self._proto = proto
         self._sock = sock
         try:
-            banner = await self._reply(t.banner, "banner")
+            banner = await self._proto_checked().reply(t.banner, "banner")
             if banner.code != 220:
-                raise SMTPReplyError(banner.code, banner.text, banner.enhanced_code, "banner")
+                raise SMTPReplyError(banner)
             return await self._greet(ehlo_domain)
         except (OSError, ProtocolError) as exc:
             self.close()
@@ -313,8 +176,8 @@ class SMTPClient:
         """Send EHLO (HELO if EHLO is refused with 5xx) and record the extensions."""
         t = self._timeouts
         name = ehlo_domain.encode("ascii")
-        self._write(b"EHLO " + name + _CRLF)
-        reply = await self._reply(t.ehlo, "EHLO")
+        self._proto_checked().write(b"EHLO " + name + _CRLF)
+        reply = await self._proto_checked().reply(t.ehlo, "EHLO")
         if reply.code == 250:
             for line in reply.text.split("\n")[1:]:
                 keyword, _, params = line.strip().partition(" ")
@@ -322,72 +185,19 @@ class SMTPClient:
                     self.extensions[keyword.upper()] = params
             return reply
         if reply.is_permanent:
-            self._write(b"HELO " + name + _CRLF)
-            reply = await self._reply(t.ehlo, "HELO")
+            self._proto_checked().write(b"HELO " + name + _CRLF)
+            reply = await self._proto_checked().reply(t.ehlo, "HELO")
             if reply.code == 250:
                 return reply
-        raise SMTPReplyError(reply.code, reply.text, reply.enhanced_code, reply.command)
+        raise SMTPReplyError(reply)
 
     # -- low level -------------------------------------------------------------------------------
 
-    def _write(self, data: bytes, replies: int = 1) -> None:
-        """Queue bytes owing `replies` replies; raise the recorded failure if the session died."""
+    def _proto_checked(self) -> ClientProtocol:
         p = self._proto
-        if p is None or p.transport is None:
+        if p is None:
             raise ConnectionResetError("not connected")
-        if p.exc is not None:
-            raise p.exc
-        p.owed += replies
-        p.transport.write(data)
-
-    async def _drain(self, timeout: float) -> None:
-        """Wait until the transport's write buffer is below its high-water mark."""
-        p = self._proto
-        assert p is not None
-        if p.exc is not None:
-            raise p.exc
-        if not p.paused:
-            return
-        fut: asyncio.Future[None] = p.loop.create_future()
-        p.drain_waiter = fut
-        handle = p.loop.call_later(timeout, _expire, fut)
-        try:
-            await fut
-        finally:
-            handle.cancel()
-            p.drain_waiter = None
-        if p.exc is not None:
-            raise p.exc
-
-    async def _reply(self, timeout: float, command: str) -> Reply:
-        """Return the next reply, labelled with its command; raise on timeout, loss or a wrong code.
-
-        A 4xx or 5xx reply is returned for the caller to act on. A positive reply other than
-        the one the command calls for (250 to DATA, 354 to RCPT, ...) means the replies no
-        longer line up with the commands: it raises ProtocolError, which ends the session.
-        """
-        p = self._proto
-        assert p is not None
-        if not p.replies:
-            if p.exc is None:
-                fut: asyncio.Future[None] = p.loop.create_future()
-                p.waiter = fut
-                handle = p.loop.call_later(timeout, _expire, fut)
-                try:
-                    await fut
-                finally:
-                    handle.cancel()
-                    p.waiter = None
-            if not p.replies:
-                raise p.exc or ConnectionResetError("connection closed")
-        reply = p.replies.popleft()
-        if reply.code == 421:
-            # The server is closing the channel; nothing more may be sent on it.
-            p.fail(ConnectionResetError(f"server closing the connection: {reply}"))
-        elif reply.code < 400 and reply.code not in EXPECTED[command]:
-            wanted = " or ".join(map(str, EXPECTED[command]))
-            raise ProtocolError(f"the server answered {command} with {reply} (expected {wanted})")
-        return Reply(reply.code, reply.enhanced_code, reply.text, command)
+        return p
 
     def _explain(self, exc: BaseException) -> str:
         """Describe a session failure for a synthesized reply."""
@@ -479,18 +289,18 @@ class SMTPClient:
         t = self._timeouts
         envelope = b"".join(cmds) + b"DATA\r\n"
         if self._ahead is None:
-            self._write(envelope, len(cmds) + 1)
+            self._proto_checked().write(envelope, len(cmds) + 1)
         elif self._ahead == envelope:
             self._ahead = None  # already on the wire behind the previous body
         else:
             self.close()
             raise RuntimeError("send_transaction() does not match the `then` announced")
-        mail = await self._reply(t.mail_from, "MAIL FROM")
+        mail = await self._proto_checked().reply(t.mail_from, "MAIL FROM")
         if not mail.is_positive:
             txn.out = [mail] * len(txn.recipients)
         txn.stage, txn.timeout = "RCPT TO", t.rcpt_to
         for i in range(len(txn.recipients)):
-            reply = await self._reply(t.rcpt_to, "RCPT TO")
+            reply = await self._proto_checked().reply(t.rcpt_to, "RCPT TO")
             if reply.is_positive:
                 txn.accepted.append(i)
             elif txn.out[i] is None:
@@ -503,15 +313,15 @@ class SMTPClient:
     async def _envelope_serial(self, txn: _Transaction, cmds: list[bytes]) -> bool:
         """Send MAIL, each RCPT, then DATA, one command per reply."""
         t = self._timeouts
-        self._write(cmds[0])
-        mail = await self._reply(t.mail_from, "MAIL FROM")
+        self._proto_checked().write(cmds[0])
+        mail = await self._proto_checked().reply(t.mail_from, "MAIL FROM")
         if not mail.is_positive:
             txn.out = [mail] * len(txn.recipients)
             return False
         txn.stage, txn.timeout = "RCPT TO", t.rcpt_to
         for i, cmd in enumerate(cmds[1:]):
-            self._write(cmd)
-            reply = await self._reply(t.rcpt_to, "RCPT TO")
+            self._proto_checked().write(cmd)
+            reply = await self._proto_checked().reply(t.rcpt_to, "RCPT TO")
             if reply.is_positive:
                 txn.accepted.append(i)
             else:
@@ -521,13 +331,13 @@ class SMTPClient:
             await self.rset()
             return False
         txn.stage, txn.timeout = "DATA", t.data
-        self._write(b"DATA\r\n")
+        self._proto_checked().write(b"DATA\r\n")
         return await self._data_reply(txn, True)
 
     async def _data_reply(self, txn: _Transaction, mail_ok: bool) -> bool:
         """Read the reply to DATA; return True when the body is to be sent."""
         t = self._timeouts
-        reply = await self._reply(t.data, "DATA")
+        reply = await self._proto_checked().reply(t.data, "DATA")
         if reply.code != 354:
             for i in txn.accepted:
                 txn.out[i] = reply
@@ -538,8 +348,8 @@ class SMTPClient:
         txn.stage, txn.timeout = "message body", t.data
         if not txn.accepted:
             # The server wants a body nobody will receive: end it at once (RFC 2920).
-            self._write(b".\r\n")
-            await self._reply(t.data_dot, END_OF_DATA)
+            self._proto_checked().write(b".\r\n")
+            await self._proto_checked().reply(t.data_dot, END_OF_DATA)
             return False
         return True
 
@@ -547,19 +357,19 @@ class SMTPClient:
         """Send the body (and the next envelope, if any) and read the reply to the final dot."""
         t = self._timeouts
         if ahead is None:
-            self._write(payload)
+            self._proto_checked().write(payload)
         else:
             owed = ahead.count(_CRLF)  # MAIL, each RCPT and DATA: one reply per line
             if len(payload) < 65536:
-                self._write(payload + ahead, 1 + owed)
+                self._proto_checked().write(payload + ahead, 1 + owed)
             else:
-                self._write(payload)
-                self._write(ahead, owed)
+                self._proto_checked().write(payload)
+                self._proto_checked().write(ahead, owed)
             self._ahead = ahead
-        await self._drain(t.data)
+        await self._proto_checked().drain(t.data)
         txn.dot_sent = True
         txn.stage, txn.timeout = "the final dot", t.data_dot
-        final = await self._reply(t.data_dot, END_OF_DATA)
+        final = await self._proto_checked().reply(t.data_dot, END_OF_DATA)
         for i in txn.accepted:
             txn.out[i] = final
         self.transactions += 1
@@ -582,20 +392,20 @@ class SMTPClient:
 
     async def rset(self) -> Reply:
         """Abort the current transaction with RSET and return the reply."""
-        self._write(b"RSET\r\n")
-        return await self._reply(self._timeouts.mail_from, "RSET")
+        self._proto_checked().write(b"RSET\r\n")
+        return await self._proto_checked().reply(self._timeouts.mail_from, "RSET")
 
     async def noop(self) -> Reply:
         """Send NOOP and return the reply."""
-        self._write(b"NOOP\r\n")
-        return await self._reply(self._timeouts.mail_from, "NOOP")
+        self._proto_checked().write(b"NOOP\r\n")
+        return await self._proto_checked().reply(self._timeouts.mail_from, "NOOP")
 
     async def quit(self) -> None:
         """Say QUIT politely (errors ignored) and close the connection."""
         if self.usable:
             try:
-                self._write(b"QUIT\r\n")
-                await self._reply(min(_QUIT_TIMEOUT, self._timeouts.idle), "QUIT")
+                self._proto_checked().write(b"QUIT\r\n")
+                await self._proto_checked().reply(min(_QUIT_TIMEOUT, self._timeouts.idle), "QUIT")
             except (OSError, ProtocolError) as exc:
                 log.debug("QUIT to %s failed: %s", self._where, exc)
         self.close()

@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import NoReturn
 
 from kumopy._fast import encode_data
 from kumopy.errors import InjectionError
+from kumopy.hostnames import LDH_LABEL, UNSAFE, parse_address_literal
 
 __all__ = [
     "MAX_LINE_LENGTH",
@@ -28,15 +28,13 @@ MAX_LINE_LENGTH = 998
 _MAX_LOCAL = 64
 _MAX_PATH = 254
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_LDH_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # Dot-string "@" host name, local part 1-64 octets. The domain's 253-octet limit needs no check
 # here: the whole path is capped at 254, and the local part and "@" take at least two of them.
 _PLAIN_ADDRESS = re.compile(
-    rf"(?=[^@]{{1,{_MAX_LOCAL}}}@){_ATEXT}+(?:\.{_ATEXT}+)*@{_LDH_LABEL}(?:\.{_LDH_LABEL})*"
+    rf"(?=[^@]{{1,{_MAX_LOCAL}}}@){_ATEXT}+(?:\.{_ATEXT}+)*@{LDH_LABEL}(?:\.{LDH_LABEL})*"
 )
 _NOT_DOT_STRING = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
-_LABEL = re.compile(_LDH_LABEL)
-_BAD_CHARS = re.compile(r"[\x00-\x20\x7f<>]")
+_LABEL = re.compile(LDH_LABEL)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 5321 Quoted-string: qtextSMTP (%d32-33 / %d35-91 / %d93-126) or a quoted-pairSMTP.
 _QUOTED_LOCAL = re.compile(r'"(?:[ !#-\[\]-~]|\\[ -~])*"(?=@)')
@@ -70,16 +68,12 @@ def _domain_problem(domain: str) -> str | None:
     if domain.startswith("["):
         if not domain.endswith("]"):
             return f"unterminated address literal {domain!r}"
-        literal = domain[1:-1]
         try:
-            if literal[:5].lower() == "ipv6:":
-                ipaddress.IPv6Address(literal[5:])
-            else:
-                ipaddress.IPv4Address(literal)
+            parse_address_literal(domain)
         except ValueError:
             return f"invalid address literal {domain!r}"
         return None
-    bad = _BAD_CHARS.search(domain)
+    bad = UNSAFE.search(domain)
     if bad is not None:
         return f"contains {_describe(bad.group())} in the domain"
     if not domain.isascii():
@@ -191,12 +185,12 @@ def wire_address(addr: str, *, where: str = "recipient") -> bytes:
     spaces or brackets outside a quoted local part, non-ASCII). Full syntax checks belong to
     validate_address() at injection; every address it accepts passes here.
     """
-    bad = _BAD_CHARS.search(addr)
+    bad = UNSAFE.search(addr)
     if bad is not None:
         # A quoted local part may hold spaces and brackets; look again past it.
         quoted = _QUOTED_LOCAL.match(addr) if addr.startswith('"') else None
         if quoted is not None:
-            bad = _BAD_CHARS.search(addr, quoted.end())
+            bad = UNSAFE.search(addr, quoted.end())
         if bad is not None:
             _refuse_on_wire(addr, where, bad.group())
     try:

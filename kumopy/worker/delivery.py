@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -12,34 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 from kumopy.config import EgressSource
-from kumopy.errors import DeliveryError, InjectionError, SMTPReplyError, SourceBindError
-from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, RecipientResult
-from kumopy.smtp.client import SMTPClient, Timeouts
-from kumopy.smtp.replies import Reply, synthesized
-from kumopy.smtp.wire import encode_data, wire_address
+from kumopy.errors import DeliveryError, SMTPReplyError, SourceBindError
+from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult
+from kumopy.smtp.client import SMTPClient
+from kumopy.smtp.protocol import Timeouts
+from kumopy.smtp.replies import synthesized
+from kumopy.worker.hosts import Candidate, candidates
+from kumopy.worker.prepare import Prepared, prepare, result_for
 
 __all__ = ["Deliverer"]
 
 log = logging.getLogger(__name__)
-
-_FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6, None: socket.AF_UNSPEC}
-
-# (host name as listed, IP address, port)
-_Candidate = tuple[str, str, int]
-
-
-def _status(reply: Reply) -> str:
-    """Map a reply to DELIVERED, TRANSIENT or PERMANENT."""
-    if reply.code < 400:
-        return DELIVERED
-    return PERMANENT if reply.code >= 500 else TRANSIENT
-
-
-def _result(recipient: str, reply: Reply) -> RecipientResult:
-    """Build one recipient's result from the reply that decided it."""
-    return RecipientResult(
-        recipient, _status(reply), reply.code, reply.enhanced_code, reply.text, reply.command
-    )
 
 
 def _resolve_waiter(fut: asyncio.Future[Job | None]) -> None:
@@ -74,26 +56,6 @@ class _Site:
         self.counts = {DELIVERED: 0, TRANSIENT: 0, PERMANENT: 0}
 
 
-class _Prepared:
-    """A job ready for the wire: early results, recipient batches and the encoded body."""
-
-    __slots__ = ("batches", "job", "payload", "results")
-
-    def __init__(
-        self,
-        job: Job,
-        results: list[RecipientResult | None],
-        batches: list[list[int]],
-        payload: bytes,
-    ) -> None:
-        self.job = job
-        self.results = results
-        """One slot per recipient; filled early for addresses that cannot go on the wire."""
-        self.batches = batches
-        """Indexes of the recipients to send, max_recipients_per_batch per transaction."""
-        self.payload = payload
-
-
 class Deliverer:
     """Deliver jobs from one egress source, keeping a pool of SMTP connections per site."""
 
@@ -123,11 +85,11 @@ class Deliverer:
         self._timeouts = timeouts or Timeouts()
         # Never getfqdn(): it would query the system resolver.
         self._ehlo = source.ehlo_domain or hostname or socket.gethostname()
-        self._family = _FAMILIES[source.family]
         self._sites: dict[str, _Site] = {}
         self._pending: dict[int, Job] = {}
         """Jobs submitted and not yet reported, by id(job): each gets exactly one result."""
-        self._inflight: set[int] = set()
+        self._sending: set[int] = set()
+        """Jobs whose transaction is under way on a connection (a possible duplicate if cut)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._clients: set[SMTPClient] = set()
         """Open sessions, so that abandon() can reset them all."""
@@ -176,7 +138,7 @@ class Deliverer:
         for site in self._sites.values():
             site.queue.clear()
         for key, job in list(self._pending.items()):
-            dup = key in self._inflight
+            dup = key in self._sending
             self._fail_job(job, "kumopy: worker stopped before the delivery finished", dup)
 
     def abandon(self) -> int:
@@ -206,7 +168,7 @@ class Deliverer:
             "source": self.source.name,
             "connections": sum(s.open for s in self._sites.values()),
             "queued": sum(len(s.queue) for s in self._sites.values()),
-            "in_flight": len(self._inflight),
+            "sending": len(self._sending),
             "pending": len(self._pending),
             "bind_failures": self._bind_failures,
             "draining": self._draining,
@@ -222,7 +184,7 @@ class Deliverer:
         if self._pending.pop(key, None) is None:
             log.error("job %s (%s) reported twice; second result dropped", job.job_id, job.msg_id)
             return
-        self._inflight.discard(key)
+        self._sending.discard(key)
         site = self._sites.get(job.site)
         if site is not None:
             for r in result.results:
@@ -239,7 +201,7 @@ class Deliverer:
         possible_duplicate: bool = False,
         *,
         enhanced: str = "4.4.1",
-        peer: _Candidate | None = None,
+        peer: Candidate | None = None,
         extra: dict[str, object] | None = None,
     ) -> None:
         """Report every recipient of job as transient with a synthesized 451 reply."""
@@ -247,7 +209,7 @@ class Deliverer:
         reply = synthesized(451, enhanced, text)
         result = JobResult(
             job.job_id,
-            [_result(r, reply) for r in job.recipients],
+            [result_for(r, reply) for r in job.recipients],
             peer_name=peer[0] if peer else None,
             peer_addr=peer[1] if peer else None,
             source_address=self.source.source_address,
@@ -296,7 +258,7 @@ class Deliverer:
         self._clients.add(client)
         site.open += 1
         site.opened += 1
-        ahead: _Prepared | None = None
+        ahead: Prepared | None = None
         try:
             for n in range(self._max_deliveries, 0, -1):
                 if ahead is not None:
@@ -309,9 +271,9 @@ class Deliverer:
                         # The peer dropped the idle session; another connection takes the job.
                         site.queue.appendleft(job)
                         break
-                    prep = self._prepare(job)
+                    prep = prepare(job, self._batch)
                 site.busy += 1
-                self._inflight.add(id(prep.job))
+                self._sending.add(id(prep.job))
                 try:
                     ahead = await self._deliver(client, peer_name, prep, site, n > 1)
                 finally:
@@ -336,53 +298,14 @@ class Deliverer:
         task = asyncio.current_task()
         return task is not None and task.cancelling() > 0
 
-    async def _candidates(self, hosts: list[tuple[str, int]]) -> tuple[list[_Candidate], str]:
-        """Return the addresses of the source's family to try, and why others were skipped."""
-        loop = asyncio.get_running_loop()
-        want = self.source.family
-        out: list[_Candidate] = []
-        skipped: list[str] = []
-        for name, host_port in hosts:
-            port = self.source.remote_port or host_port
-            literal = name[1:-1] if name.startswith("[") and name.endswith("]") else name
-            if literal[:5].lower() == "ipv6:":
-                literal = literal[5:]
-            try:
-                ip = ipaddress.ip_address(literal)
-            except ValueError:
-                pass
-            else:
-                fam = "ipv6" if ip.version == 6 else "ipv4"
-                if want is None or fam == want:
-                    out.append((name, str(ip), port))
-                else:
-                    skipped.append(f"{name} is {fam}")
-                continue
-            try:
-                infos = await loop.getaddrinfo(
-                    name, port, family=self._family, type=socket.SOCK_STREAM
-                )
-            except OSError as exc:
-                skipped.append(f"{name}: cannot resolve ({exc.strerror or exc})")
-                continue
-            seen: set[str] = set()
-            for info in infos:
-                addr = str(info[4][0])
-                if addr not in seen:
-                    seen.add(addr)
-                    out.append((name, addr, port))
-            if not seen:
-                skipped.append(f"{name} has no {want} address")
-        return out, "; ".join(skipped)
-
     async def _open(self, site: _Site) -> tuple[SMTPClient, str] | None:
         """Connect to the first host that greets us; on total failure fail the site's jobs."""
         if not site.queue:
             return None
         hosts = site.queue[0].hosts
         src = self.source.source_address
-        candidates, skipped = await self._candidates(hosts)
-        if not candidates:
+        found, skipped = await candidates(self.source, hosts)
+        if not found:
             listed = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
             listed = listed or "none"
             why = f"; {skipped}" if skipped else ""
@@ -393,8 +316,8 @@ class Deliverer:
             self._fail_site(site, text, enhanced="4.4.4")
             return None
         reasons: list[str] = []
-        last: _Candidate | None = None
-        for cand in candidates:
+        last: Candidate | None = None
+        for cand in found:
             name, addr, port = last = cand
             client = SMTPClient()
             try:
@@ -414,7 +337,7 @@ class Deliverer:
                 reasons.append(exc.message)
                 continue
             except SMTPReplyError as exc:
-                reasons.append(f"{addr}:{port} answered {exc.command or 'banner'} with {exc}")
+                reasons.append(f"{addr}:{port} answered {exc.reply.command or 'banner'} with {exc}")
                 continue
             except ValueError as exc:
                 self._fail_site(site, f"kumopy: {exc}", peer=cand)
@@ -431,7 +354,7 @@ class Deliverer:
         text: str,
         *,
         enhanced: str = "4.4.1",
-        peer: _Candidate | None = None,
+        peer: Candidate | None = None,
         extra: dict[str, object] | None = None,
     ) -> None:
         """Fail every queued job of the site with the same transient reason."""
@@ -442,32 +365,10 @@ class Deliverer:
 
     # -- one job ---------------------------------------------------------------------------------
 
-    def _prepare(self, job: Job) -> _Prepared:
-        """Check the envelope, encode the body once and split recipients into batches."""
-        results: list[RecipientResult | None] = [None] * len(job.recipients)
-        todo: list[int] = []
-        try:
-            wire_address(job.sender, where="sender")
-        except InjectionError as exc:
-            bad = synthesized(553, "5.1.7", f"kumopy: {exc.message}")
-            return _Prepared(job, [_result(r, bad) for r in job.recipients], [], b"")
-        for i, rcpt in enumerate(job.recipients):
-            try:
-                wire_address(rcpt)
-            except InjectionError as exc:
-                results[i] = _result(rcpt, synthesized(553, "5.1.3", f"kumopy: {exc.message}"))
-            else:
-                todo.append(i)
-        if not todo:
-            return _Prepared(job, results, [], b"")
-        size = self._batch
-        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
-        return _Prepared(job, results, batches, encode_data(job.data))
-
-    def _take_ahead(self, site: _Site) -> _Prepared | None:
+    def _take_ahead(self, site: _Site) -> Prepared | None:
         """Pop the site's next job whose envelope can ride behind the current body."""
         while site.queue:
-            prep = self._prepare(site.queue.popleft())
+            prep = prepare(site.queue.popleft(), self._batch)
             if prep.batches:
                 return prep
             # Nothing to send for it: every recipient already has its (permanent) result.
@@ -475,12 +376,12 @@ class Deliverer:
         return None
 
     async def _deliver(
-        self, client: SMTPClient, peer_name: str, prep: _Prepared, site: _Site, more: bool
-    ) -> _Prepared | None:
+        self, client: SMTPClient, peer_name: str, prep: Prepared, site: _Site, more: bool
+    ) -> Prepared | None:
         """Send one prepared job in batches and report it; return a job taken ahead, if any."""
         job, results = prep.job, prep.results
         duplicate = False
-        ahead: _Prepared | None = None
+        ahead: Prepared | None = None
         last = len(prep.batches) - 1
         try:
             for k, batch in enumerate(prep.batches):
@@ -489,7 +390,7 @@ class Deliverer:
                         451, "4.4.2", "kumopy: connection lost before this batch of recipients"
                     )
                     for i in batch:
-                        results[i] = _result(job.recipients[i], lost)
+                        results[i] = result_for(job.recipients[i], lost)
                     continue
                 then: tuple[str, list[str], bytes] | None = None
                 if k < last:
@@ -506,7 +407,7 @@ class Deliverer:
                 )
                 duplicate = duplicate or outcome.possible_duplicate
                 for i, reply in zip(batch, outcome.replies, strict=True):
-                    results[i] = _result(job.recipients[i], reply)
+                    results[i] = result_for(job.recipients[i], reply)
         except BaseException:
             if ahead is not None:
                 site.queue.appendleft(ahead.job)
@@ -516,7 +417,7 @@ class Deliverer:
 
     def _finish(
         self,
-        prep: _Prepared,
+        prep: Prepared,
         client: SMTPClient | None,
         peer_name: str | None,
         duplicate: bool = False,

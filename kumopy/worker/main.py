@@ -19,9 +19,19 @@ import zmq.asyncio
 
 from kumopy.config import EgressSource
 from kumopy.errors import KumoError
-from kumopy.ipc.framing import decode_header, encode_header
+from kumopy.ipc.framing import decode_header
 from kumopy.ipc.jobs import JobResult
-from kumopy.ipc.messages import decode_jobs, encode_results
+from kumopy.ipc.work import (
+    DELIVER,
+    STOP,
+    WORKER_BOOT_ERROR,
+    decode_jobs,
+    encode_bye,
+    encode_heartbeat,
+    encode_ready,
+    encode_results,
+)
+from kumopy.validation import source_from_dict
 from kumopy.worker.delivery import Deliverer
 
 __all__ = ["WorkerProcess", "check_source_address", "decode_definition", "run_worker"]
@@ -35,7 +45,7 @@ HEARTBEAT = 1.0
 
 def decode_definition(text: str) -> EgressSource:
     """Decode the source definition the coordinator put on the command line."""
-    return EgressSource.from_dict(json.loads(base64.b64decode(text)))
+    return source_from_dict(json.loads(base64.b64decode(text)))
 
 
 def check_source_address(source: EgressSource) -> str | None:
@@ -113,10 +123,10 @@ class WorkerProcess:
             try:
                 header = decode_header(frames[0].buffer)
                 kind = header["kind"]
-                if kind == "deliver":
+                if kind == DELIVER:
                     for job in decode_jobs(header, frames):
                         self.deliverer.submit(job)
-                elif kind == "stop":
+                elif kind == STOP:
                     self.drain_timeout = float(header.get("timeout", self.drain_timeout))
                     self.stopping.set()
                 else:
@@ -144,7 +154,7 @@ class WorkerProcess:
             await asyncio.sleep(HEARTBEAT)
             if os.getppid() != self.parent_pid:
                 self._orphaned()  # PDEATHSIG missed (prctl unavailable): found by polling
-            await self.sock.send(encode_header("heartbeat", stats=self.deliverer.stats()))
+            await self.sock.send(encode_heartbeat(self.deliverer.stats()))
 
     async def run(self) -> int:
         """Say Ready, then work until told to stop; return the exit code."""
@@ -154,7 +164,7 @@ class WorkerProcess:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._on_term(loop))
         self.sock.connect(self.endpoint)
-        await self.sock.send(encode_header("ready", credit=self.credit, pid=os.getpid()))
+        await self.sock.send(encode_ready(self.credit, os.getpid()))
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
         await self.stopping.wait()
         tasks[1].cancel()
@@ -162,7 +172,7 @@ class WorkerProcess:
         await self.deliverer.drain(self.drain_timeout)
         tasks[0].cancel()
         self._send_results()
-        await self.sock.send(encode_header("bye"))
+        await self.sock.send(encode_bye())
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
@@ -179,8 +189,6 @@ def run_worker(
     deliverer_options: dict[str, Any] | None = None,
 ) -> int:
     """Entry point of `python -m kumopy worker`."""
-    from kumopy.coordinator.arbiter import WORKER_BOOT_ERROR
-
     _die_with_parent()
     try:
         source = decode_definition(source_def)

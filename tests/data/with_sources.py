@@ -4,7 +4,7 @@ from kumopy import kumo
 
 
 @kumo.on("init")
-def init():
+def init() -> None:
     """Define the relay source, then merge base.toml and override.toml in that order."""
     kumo.define_egress_source(name="relay", ehlo_domain="relay.example.net", remote_port=2525)
     kumo.load_sources("base.toml", "override.toml")

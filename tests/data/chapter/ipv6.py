@@ -4,7 +4,7 @@ from kumopy import kumo
 
 
 @kumo.on("init")
-def init():
+def init() -> None:
     """Define the source."""
     kumo.define_egress_source(
         name="ip-2",

@@ -4,6 +4,6 @@ from kumopy import kumo
 
 
 @kumo.on("init")
-def init():
+def init() -> None:
     """Define the source."""
     kumo.define_egress_source(name="example")

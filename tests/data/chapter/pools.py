@@ -1,10 +1,11 @@
 """Chapter example 4: two sources in two pools, one weighted."""
 
 from kumopy import kumo
+from kumopy.config import QueueConfig
 
 
 @kumo.on("init")
-def init():
+def init() -> None:
     """Define the sources and pools."""
     kumo.define_egress_source(
         name="ip-1",
@@ -27,7 +28,9 @@ def init():
 
 
 @kumo.on("get_queue_config")
-def get_queue_config(domain, tenant, campaign, routing_domain):
+def get_queue_config(
+    domain: str, tenant: str | None, campaign: str | None, routing_domain: str | None
+) -> QueueConfig:
     """Assign tenant CustomerA to its pool and the rest to SharedPool."""
     pool = "CustomerA" if tenant == "CustomerA" else "SharedPool"
     return kumo.make_queue_config(egress_pool=pool)

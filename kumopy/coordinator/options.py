@@ -1,0 +1,59 @@
+"""What `kumopy run` was asked to do: the run options and the listen-address guard."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from kumopy.coordinator.core import CoreSettings
+from kumopy.errors import ConfigError
+from kumopy.ipc.inject import DEFAULT_ENDPOINT, Limits
+
+__all__ = ["RunOptions", "check_listen_endpoint"]
+
+
+@dataclass(slots=True)
+class RunOptions:
+    """What `kumopy run` was asked to do."""
+
+    listen: str = DEFAULT_ENDPOINT
+    spool_dir: str = "var/spool"
+    start_empty: bool = False
+    """Move an empty or unreadable spool.db to quarantine and start with an empty spool."""
+    log_dir: str | None = "var/log"
+    log_max_bytes: int = 256 * 1024 * 1024
+    fsync: bool = True
+    min_free_bytes: int = 64 * 1024 * 1024
+    dedup_window: float = 86400.0
+    """How long an injection id is remembered for de-duplication, in seconds."""
+    limits: Limits = field(default_factory=Limits)
+    credit: int = 256
+    drain_timeout: float = 30.0
+    heartbeat_timeout: float = 15.0
+    """A worker silent this long is terminated (SIGTERM, then SIGKILL) and restarted."""
+    allow_remote: bool = False
+    core: CoreSettings = field(default_factory=CoreSettings)
+    worker_args: list[str] = field(default_factory=list)
+    ready_file: str | None = None
+    """Write the bound ingress endpoint here once every worker is ready (tests, demo)."""
+    metrics: tuple[str, int] | None = None
+    """Serve Prometheus metrics on this (host, port)."""
+
+
+def check_listen_endpoint(endpoint: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback tcp endpoint unless the operator allowed it explicitly."""
+    if not endpoint.startswith("tcp://"):
+        if endpoint.startswith(("ipc://", "inproc://")):
+            return
+        raise ConfigError(f"--listen {endpoint!r}: use tcp://HOST:PORT or ipc://PATH")
+    host = urlsplit(endpoint).hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not allow_remote:
+        raise ConfigError(
+            f"--listen {endpoint!r} is not a loopback address; injection has no authentication "
+            "yet, so pass --allow-remote-ingress to listen there anyway"
+        )

@@ -1,0 +1,105 @@
+"""The coordinator's end of the worker protocol: jobs out, and ready, results and heartbeats in."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from kumopy.coordinator.arbiter import Arbiter
+from kumopy.coordinator.core import Core
+from kumopy.errors import KumoError, ProtocolError
+from kumopy.ipc.framing import decode_header
+from kumopy.ipc.jobs import Job
+from kumopy.ipc.work import BYE, HEARTBEAT, READY, RESULTS, decode_results, encode_jobs, encode_stop
+
+__all__ = ["WorkLink"]
+
+log = logging.getLogger(__name__)
+
+_READ_PER_TURN = 1024
+_ZERO_COPY_FROM = 65536
+
+
+class WorkLink:
+    """Route jobs to workers by source name and apply what the workers send back."""
+
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        core: Core,
+        arbiter: Arbiter,
+        on_ready: Callable[[int], None],
+    ) -> None:
+        self.sock = sock
+        self.core = core
+        self.arbiter = arbiter
+        self.on_ready = on_ready
+        """Called with the source index of each worker that says Ready."""
+
+    def send_jobs(self, src: int, jobs: list[Job]) -> None:
+        """Send a batch of jobs to a source's worker (the dispatcher's send_jobs)."""
+        name = self.core.sources[src].name.encode()
+        try:
+            # Zero-copy pays only for large bodies; small frames are cheaper to copy.
+            big = any(len(j.data) > _ZERO_COPY_FROM for j in jobs)
+            self.sock.send_multipart([name, *encode_jobs(jobs)], copy=not big)
+        except zmq.ZMQError as exc:
+            # The worker vanished between Ready and now: give the jobs back right away.
+            log.warning(
+                "worker %s unreachable (%s); requeueing %d jobs", name.decode(), exc, len(jobs)
+            )
+            self.core.dispatcher.worker_gone(src, None)
+
+    def stop_all(self, timeout: float) -> None:
+        """Ask every running worker to finish what it holds within `timeout`, then exit."""
+        stop = encode_stop(timeout)
+        for slot in self.arbiter.alive():
+            try:
+                self.sock.send_multipart([slot.source.name.encode(), stop])
+            except zmq.ZMQError:
+                self.arbiter.terminate_all()
+
+    def read(self) -> None:
+        """Apply what the workers sent, up to a bounded number of messages per turn."""
+        now = time.time()
+        for _ in range(_READ_PER_TURN):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            name = frames[0].bytes.decode("utf-8", "replace")
+            src = self.core.source_index.get(name)
+            if src is None or len(frames) < 2:
+                log.warning("message from unknown worker %r ignored", name)
+                continue
+            try:
+                self._apply(src, decode_header(frames[1].buffer), now)
+            except (KumoError, KeyError, TypeError, ValueError) as exc:
+                # A bad frame from a worker is logged and dropped; it must not stop the loop.
+                log.error("bad message from worker %s: %s", name, exc)
+
+    def _apply(self, src: int, header: dict[str, Any], now: float) -> None:
+        kind = header["kind"]
+        self.arbiter.seen(src)
+        if kind == RESULTS:
+            self.core.handle_results(src, decode_results(header), now)
+        elif kind == READY:
+            credit = int(header["credit"])
+            log.info(
+                "worker %s ready (pid %s, credit %d)",
+                self.core.sources[src].name,
+                header.get("pid"),
+                credit,
+            )
+            self.core.dispatcher.worker_ready(src, credit)
+            self.on_ready(src)
+        elif kind == HEARTBEAT:
+            pass
+        elif kind == BYE:
+            self.core.dispatcher.worker_stopping(src)
+        else:
+            raise ProtocolError(f"unknown worker message kind {kind!r}")

@@ -1,0 +1,132 @@
+"""Coordinator <-> worker: every message kind between them, both directions, side by side.
+
+coordinator -> worker: deliver (jobs, each with its body frame), stop (drain and exit).
+worker -> coordinator: ready (credit), heartbeat (stats), results (one per job), bye.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kumopy.errors import ProtocolError
+from kumopy.ipc.framing import body_frame, encode_header
+from kumopy.ipc.jobs import Job, JobResult, RecipientResult
+
+__all__ = [
+    "BYE",
+    "DELIVER",
+    "HEARTBEAT",
+    "READY",
+    "RESULTS",
+    "STOP",
+    "WORKER_BOOT_ERROR",
+    "decode_jobs",
+    "decode_results",
+    "encode_bye",
+    "encode_heartbeat",
+    "encode_jobs",
+    "encode_ready",
+    "encode_results",
+    "encode_stop",
+]
+
+WORKER_BOOT_ERROR = 3
+"""Exit code of a worker that cannot start at all (say, its address cannot be bound): the
+coordinator does not restart it."""
+
+DELIVER = "deliver"
+"""coordinator -> worker: `jobs` = [[job_id, msg_id, sender, recipients, hosts, site, frame]]."""
+STOP = "stop"
+"""coordinator -> worker: finish what you hold within `timeout` seconds, then exit."""
+READY = "ready"
+"""worker -> coordinator: connected, can hold `credit` jobs (`pid` for the logs)."""
+HEARTBEAT = "heartbeat"
+"""worker -> coordinator: still alive (every second), with delivery `stats`."""
+RESULTS = "results"
+"""worker -> coordinator: `results` = one row per finished job."""
+BYE = "bye"
+"""worker -> coordinator: draining: send nothing more."""
+
+
+def encode_ready(credit: int, pid: int) -> bytes:
+    """Pack a worker's Ready."""
+    return encode_header(READY, credit=credit, pid=pid)
+
+
+def encode_heartbeat(stats: dict[str, Any]) -> bytes:
+    """Pack a worker's heartbeat."""
+    return encode_header(HEARTBEAT, stats=stats)
+
+
+def encode_bye() -> bytes:
+    """Pack a worker's goodbye (it is draining)."""
+    return encode_header(BYE)
+
+
+def encode_stop(timeout: float) -> bytes:
+    """Pack the coordinator's request to drain and exit within `timeout` seconds."""
+    return encode_header(STOP, timeout=timeout)
+
+
+def encode_jobs(jobs: Sequence[Job]) -> list[Any]:
+    """Frame a batch of jobs for a worker: header then one body frame per job."""
+    specs = []
+    frames: list[Any] = [b""]
+    for n, job in enumerate(jobs, start=1):
+        specs.append([job.job_id, job.msg_id, job.sender, job.recipients, job.hosts, job.site, n])
+        frames.append(job.data)
+    frames[0] = encode_header(DELIVER, jobs=specs)
+    return frames
+
+
+def decode_jobs(header: dict[str, Any], frames: Sequence[Any]) -> list[Job]:
+    """Rebuild the jobs of a deliver message (the coordinator is trusted; shape is checked)."""
+    jobs = []
+    try:
+        for job_id, msg_id, sender, rcpts, hosts, site, idx in header["jobs"]:
+            frame = body_frame(frames, idx)
+            data = frame.buffer if hasattr(frame, "buffer") else frame
+            jobs.append(
+                Job(job_id, msg_id, sender, list(rcpts), data, [(h, p) for h, p in hosts], site)
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed deliver message: {exc}") from None
+    return jobs
+
+
+def encode_results(results: Sequence[JobResult]) -> bytes:
+    """Pack a batch of job results for the coordinator."""
+    rows = []
+    for r in results:
+        rcpts = [
+            [x.recipient, x.status, x.code, x.enhanced_code, x.text, x.command] for x in r.results
+        ]
+        row = [r.job_id, rcpts, r.peer_name, r.peer_addr, r.source_address, r.possible_duplicate]
+        if r.extra:
+            row.append(r.extra)
+        rows.append(row)
+    return encode_header(RESULTS, results=rows)
+
+
+def decode_results(header: dict[str, Any]) -> list[JobResult]:
+    """Rebuild a batch of job results sent by encode_results()."""
+    out = []
+    try:
+        for row in header["results"]:
+            job_id, rcpts, peer_name, peer_addr, source_address, dup, *rest = row
+            extra = rest[0] if rest and isinstance(rest[0], dict) else {}
+            out.append(
+                JobResult(
+                    job_id,
+                    [RecipientResult(*x) for x in rcpts],
+                    peer_name,
+                    peer_addr,
+                    source_address,
+                    bool(dup),
+                    extra,
+                )
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed results message: {exc}") from None
+    return out

@@ -1,0 +1,201 @@
+"""The client side of one SMTP connection: replies in, commands out, each reply matched to one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import cast
+
+from kumopy.errors import ProtocolError
+from kumopy.smtp.replies import Reply, ReplyReader
+
+__all__ = ["END_OF_DATA", "EXPECTED", "ClientProtocol", "Timeouts"]
+
+END_OF_DATA = "."
+"""The `command` label of the reply that follows the final dot of the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-step SMTP timeouts in seconds (defaults are KumoMTA's)."""
+
+    connect: float = 60.0
+    """TCP connection establishment."""
+    banner: float = 60.0
+    """Waiting for the 220 greeting."""
+    ehlo: float = 300.0
+    """Reply to EHLO or HELO."""
+    mail_from: float = 300.0
+    """Reply to MAIL FROM."""
+    rcpt_to: float = 300.0
+    """Reply to each RCPT TO."""
+    data: float = 300.0
+    """Reply to DATA, and writing the message body."""
+    data_dot: float = 300.0
+    """Reply after the final dot."""
+    idle: float = 5.0
+    """How long an unused connection stays open."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"timeout {f.name} must be a positive number, not {value!r}")
+
+
+EXPECTED: dict[str, tuple[int, ...]] = {
+    "banner": (220,),
+    "EHLO": (250,),
+    "HELO": (250,),
+    "MAIL FROM": (250,),
+    "RCPT TO": (250, 251),
+    "DATA": (354,),
+    END_OF_DATA: (250,),
+    "RSET": (250,),
+    "NOOP": (250,),
+    "QUIT": (221,),
+}
+"""The positive reply each command calls for; any other positive reply is a protocol error."""
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    """Fail a pending wait with TimeoutError (a loop.call_later callback)."""
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    """Complete a pending wait, if any."""
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+class ClientProtocol(asyncio.Protocol):
+    """Collect replies from the transport and wake whoever waits for them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.reader = ReplyReader()
+        self.replies: deque[Reply] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.exc: Exception | None = None
+        self.paused = False
+        self.closed: asyncio.Future[None] = loop.create_future()
+        # Replies owed by the server: the banner, plus one per command written. A reply beyond
+        # them can only be matched to the wrong command, so it ends the session.
+        self.owed = 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse replies out of the received bytes."""
+        try:
+            replies = self.reader.feed(data)
+        except ProtocolError as exc:
+            self.fail(exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if replies:
+            self.owed -= len(replies)
+            if self.owed < 0:
+                self.fail(
+                    ProtocolError(
+                        f"the server sent {-self.owed} more repl{'y' if self.owed == -1 else 'ies'}"
+                        f" than commands were sent (last: {replies[-1]})"
+                    )
+                )
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            self.replies.extend(replies)
+            _wake(self.waiter)
+
+    def eof_received(self) -> bool:
+        """Let the transport close: the peer will not send anything more."""
+        self.fail(ConnectionResetError("connection closed by the peer"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Record the loss and wake every waiter."""
+        self.fail(exc or ConnectionResetError("connection closed"))
+        _wake(self.closed)
+
+    def pause_writing(self) -> None:
+        """Note that the transport's write buffer is full."""
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        """Note that the transport's write buffer has drained."""
+        self.paused = False
+        _wake(self.drain_waiter)
+
+    def fail(self, exc: Exception) -> None:
+        """Remember the first failure and wake waiters so they see it."""
+        if self.exc is None:
+            self.exc = exc
+        _wake(self.waiter)
+        _wake(self.drain_waiter)
+
+    def write(self, data: bytes, replies: int = 1) -> None:
+        """Queue bytes owing `replies` replies; raise the recorded failure if the session died."""
+        p = self
+        if p.transport is None:
+            raise ConnectionResetError("not connected")
+        if p.exc is not None:
+            raise p.exc
+        p.owed += replies
+        p.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        p = self
+        if p.exc is not None:
+            raise p.exc
+        if not p.paused:
+            return
+        fut: asyncio.Future[None] = p.loop.create_future()
+        p.drain_waiter = fut
+        handle = p.loop.call_later(timeout, _expire, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            p.drain_waiter = None
+        if p.exc is not None:
+            raise p.exc
+
+    async def reply(self, timeout: float, command: str) -> Reply:
+        """Return the next reply, labelled with its command; raise on timeout, loss or a wrong code.
+
+        A 4xx or 5xx reply is returned for the caller to act on. A positive reply other than
+        the one the command calls for (250 to DATA, 354 to RCPT, ...) means the replies no
+        longer line up with the commands: it raises ProtocolError, which ends the session.
+        """
+        p = self
+        if not p.replies:
+            if p.exc is None:
+                fut: asyncio.Future[None] = p.loop.create_future()
+                p.waiter = fut
+                handle = p.loop.call_later(timeout, _expire, fut)
+                try:
+                    await fut
+                finally:
+                    handle.cancel()
+                    p.waiter = None
+            if not p.replies:
+                raise p.exc or ConnectionResetError("connection closed")
+        reply = p.replies.popleft()
+        if reply.code == 421:
+            # The server is closing the channel; nothing more may be sent on it.
+            p.fail(ConnectionResetError(f"server closing the connection: {reply}"))
+        elif reply.code < 400 and reply.code not in EXPECTED[command]:
+            wanted = " or ".join(map(str, EXPECTED[command]))
+            raise ProtocolError(f"the server answered {command} with {reply} (expected {wanted})")
+        return Reply(reply.code, reply.enhanced_code, reply.text, command)
