@@ -29,7 +29,7 @@ import uvloop
 from kumopy.config import EgressSource
 from kumopy.harness import SinkRecords, start_sink
 from kumopy.inject import make_body
-from kumopy.ipc.jobs import DELIVERED, Job, JobResult
+from kumopy.ipc.jobs import DELIVERED, Job, JobResult, SiteSpec
 from kumopy.smtp.wire import decode_data
 from kumopy.worker.delivery import Deliverer
 
@@ -46,7 +46,7 @@ SENDER = "bench@sender.kumopy.test"
 
 
 async def _deliver_all(
-    source: EgressSource, jobs: list[Job], connections: int, timeout: float
+    source: EgressSource, spec: SiteSpec, jobs: list[Job], timeout: float
 ) -> tuple[float, dict[str, Any], Counter[str]]:
     """Submit every job to one Deliverer; return the seconds to the last result, stats, outcomes."""
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -61,7 +61,8 @@ async def _deliver_all(
         if left == 0 and not done.done():
             done.set_result(None)
 
-    deliverer = Deliverer(source, on_result, connection_limit=connections)
+    deliverer = Deliverer(source, on_result)
+    deliverer.define_site(spec)
     t0 = time.perf_counter()
     for job in jobs:
         deliverer.submit(job)
@@ -86,16 +87,14 @@ def run(
             return run(count, connections, size, workdir=Path(tmp), source_address=source_address)
     sink = start_sink(workdir / "sink")
     try:
-        hosts = [(str(sink.info["host"]), int(sink.info["port"]))]
+        host, port = str(sink.info["host"]), int(sink.info["port"])
+        spec = SiteSpec(SITE, [(host, host, port, 0)], {"connection_limit": connections})
         # One body shared by every job, as a worker holds one frame per message.
         body = make_body(SENDER, f"user0@{SITE}", size, 0)
-        jobs = [
-            Job(i, f"bench-{i}", SENDER, [f"user{i}@{SITE}"], body, hosts, SITE)
-            for i in range(count)
-        ]
+        jobs = [Job(i, f"bench-{i}", SENDER, [f"user{i}@{SITE}"], body, SITE) for i in range(count)]
         source = EgressSource("bench", source_address=source_address, ehlo_domain=SITE)
         secs, stats, outcomes = uvloop.run(
-            _deliver_all(source, jobs, connections, timeout=60 + count / 100)
+            _deliver_all(source, spec, jobs, timeout=60 + count / 100)
         )
         delivered = outcomes[DELIVERED]
         arrived = SinkRecords(sink.info["record"]).wait_count(delivered, timeout=30)

@@ -8,8 +8,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kumopy.errors import ConfigError, KumoError
+
+if TYPE_CHECKING:
+    from kumopy.paths import EgressPath
 
 __all__ = ["main", "parse_size"]
 
@@ -73,14 +77,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 queue_idle=args.queue_idle_timeout,
                 max_pending_outcomes=args.max_pending_outcomes,
             ),
-            worker_args=[
-                "--log-level",
-                args.log_level,
-                "--timeouts",
-                json.dumps(parse_timeouts(args.smtp_timeout)),
-                "--shaping",
-                json.dumps(parse_shaping(args)),
-            ],
+            worker_args=["--log-level", args.log_level],
+            path_defaults=path_defaults(args),
             ready_file=args.ready_file,
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
         )
@@ -97,46 +95,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return coordinator.run()
 
 
-def parse_timeouts(items: Sequence[str]) -> dict[str, float]:
-    """Parse --smtp-timeout STEP=DURATION items into validated SMTP timeouts."""
-    from dataclasses import fields
+def path_defaults(args: argparse.Namespace) -> EgressPath:
+    """Build the egress path defaults (under the policy's) from `kumopy run`'s flags."""
+    from kumopy.paths import PATH_OPTIONS, EgressPath, make_egress_path
 
-    from kumopy.smtp.protocol import Timeouts
-    from kumopy.units import parse_duration
-
-    steps = sorted(f.name for f in fields(Timeouts))
-    out: dict[str, float] = {}
-    for item in items:
-        step, sep, value = item.partition("=")
-        if not sep or step not in steps:
-            raise ValueError(f"--smtp-timeout {item!r}: use STEP=SECONDS, STEP one of {steps}")
-        out[step] = parse_duration(value, where=f"--smtp-timeout {step}")
-    Timeouts(**out)  # checks each is positive
-    return out
-
-
-_SHAPING = ("connection_limit", "max_deliveries_per_connection", "max_recipients_per_batch")
-
-
-def parse_shaping(args: argparse.Namespace) -> dict[str, int]:
-    """Check the per-source connection shaping options; return them for the workers."""
-    out = {}
-    for name in _SHAPING:
+    options: dict[str, object] = {}
+    for name in ("connection_limit", "max_deliveries_per_connection", "max_recipients_per_batch"):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
-        out[name] = value
-    return out
+        options[name] = value
+    steps = sorted(n.removesuffix("_timeout") for n in PATH_OPTIONS if n.endswith("_timeout"))
+    for item in args.smtp_timeout:
+        step, sep, value = item.partition("=")
+        if not sep or step not in steps:
+            raise ValueError(f"--smtp-timeout {item!r}: use STEP=DURATION, STEP one of {steps}")
+        options[f"{step}_timeout"] = value
+    return make_egress_path(options, "kumopy run flags").over(EgressPath())
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from kumopy.smtp.protocol import Timeouts
     from kumopy.worker.main import run_worker
 
     _setup_logging(args.log_level)
-    options: dict[str, object] = {"timeouts": Timeouts(**json.loads(args.timeouts))}
-    options.update({k: int(v) for k, v in json.loads(args.shaping).items() if k in _SHAPING})
-    return run_worker(args.source_def, args.endpoint, args.credit, args.parent_pid, options)
+    return run_worker(args.source_def, args.endpoint, args.credit, args.parent_pid)
 
 
 def _cmd_check_config(argv: list[str]) -> int:
@@ -297,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--credit", type=int, default=256)
     w.add_argument("--parent-pid", type=int, required=True)
     w.add_argument("--log-level", default="INFO")
-    w.add_argument("--timeouts", default="{}", help="SMTP timeouts as JSON (validated)")
-    w.add_argument("--shaping", default="{}", help="connection shaping as JSON (validated)")
     w.set_defaults(func=_cmd_worker)
 
     st = sub.add_parser("status", help="print the coordinator's counters as JSON")

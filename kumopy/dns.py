@@ -38,7 +38,13 @@ __all__ = [
     "parse_name_server",
 ]
 
-_MX, _A, _AAAA, _NS = (dns.rdatatype.MX, dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.NS)
+_MX, _A, _AAAA, _NS, _TXT = (
+    dns.rdatatype.MX,
+    dns.rdatatype.A,
+    dns.rdatatype.AAAA,
+    dns.rdatatype.NS,
+    dns.rdatatype.TXT,
+)
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -291,6 +297,18 @@ class MXResolver:
             return res, res.expires
 
         return await self._domains.get_or_fetch(name, fetch)
+
+    async def addresses(self, host: str) -> list[str]:
+        """Return the A and AAAA addresses of a host name (cached; [] when it has none)."""
+        found = await self._addresses(normalize_domain(host))
+        return list(found.addresses)
+
+    async def txt(self, name: str) -> list[str]:
+        """Return the TXT records of a name, each record's strings joined ([] when none)."""
+        answer = await self._query(dns.name.from_text(normalize_domain(name)), _TXT)
+        if answer.transient:
+            raise DNSUnavailableError(name, f"TXT lookup of {name} failed: {answer.problem}")
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.records]
 
     async def check(self) -> str | None:
         """Ask the servers for the root's NS records; return what is wrong, or None."""

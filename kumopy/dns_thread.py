@@ -1,4 +1,4 @@
-"""MX lookups for a synchronous loop: an asyncio resolver thread with a pollable result channel."""
+"""Route lookups (MX and MTA-STS) for a synchronous loop: an asyncio thread, a pollable channel."""
 
 from __future__ import annotations
 
@@ -8,12 +8,26 @@ import contextlib
 import logging
 import socket
 import threading
+from dataclasses import dataclass
 from types import TracebackType
 
 from kumopy.dns import MXResolver, Resolution, normalize_domain
 from kumopy.errors import DNSUnavailableError
+from kumopy.mtasts import StsFetcher, StsPolicy
 
-__all__ = ["ResolverThread"]
+__all__ = ["Lookup", "ResolverThread"]
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """One finished lookup: where the domain's mail goes, and its MTA-STS policy if asked."""
+
+    domain: str
+    """The domain as submitted."""
+    resolution: Resolution
+    sts: StsPolicy | None = None
+    """The domain's MTA-STS policy; None when it has none, or it was not asked for."""
+
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +35,9 @@ log = logging.getLogger(__name__)
 class ResolverThread:
     """Resolve domains on an asyncio loop in a daemon thread; poll fileno(), then drain()."""
 
-    def __init__(self, resolver: MXResolver) -> None:
+    def __init__(self, resolver: MXResolver, sts: StsFetcher | None = None) -> None:
         self.resolver = resolver
+        self.sts = sts
         # Plain asyncio, not uvloop: a few hundred lookups need no speed, and uvloop may leak
         # the UDP transport of a query cancelled while its socket is being made (seen at close).
         self._loop = asyncio.new_event_loop()
@@ -32,7 +47,7 @@ class ResolverThread:
         self._rsock.setblocking(False)
         self._wsock.setblocking(False)
         self._lock = threading.Lock()
-        self._done: collections.deque[Resolution] = collections.deque()
+        self._done: collections.deque[Lookup] = collections.deque()
         self._signalled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -49,18 +64,18 @@ class ResolverThread:
 
     # -- the coordinator's side ------------------------------------------------------------
 
-    def submit(self, domain: str) -> None:
-        """Start resolving domain; never blocks. Its Resolution comes out of drain()."""
+    def submit(self, domain: str, sts: bool = False) -> None:
+        """Start resolving domain (and its MTA-STS policy); never blocks; see drain()."""
         if self._closed:
             raise RuntimeError("the resolver thread is closed")
-        self._loop.call_soon_threadsafe(self._start, domain)
+        self._loop.call_soon_threadsafe(self._start, domain, sts)
 
     def fileno(self) -> int:
         """Return the fd that becomes readable when drain() has something."""
         return self._rsock.fileno()
 
-    def drain(self) -> list[Resolution]:
-        """Return every Resolution finished since the last call (never blocks)."""
+    def drain(self) -> list[Lookup]:
+        """Return every Lookup finished since the last call (never blocks)."""
         # Read the wake-up bytes before taking the results: a result added after the read
         # either is taken below or sends a new byte, so no wake-up is lost.
         with contextlib.suppress(BlockingIOError, InterruptedError):
@@ -81,6 +96,21 @@ class ResolverThread:
         except TimeoutError:
             future.cancel()
             return f"no DNS server answered within {wait:.1f}s ({self.resolver.servers})"
+
+    def check_soon(self) -> None:
+        """Check the servers in the background and log the outcome (never blocks)."""
+        asyncio.run_coroutine_threadsafe(self._log_check(), self._loop)
+
+    async def _log_check(self) -> None:
+        problem = await self.resolver.check()
+        if problem is not None:
+            log.error(
+                "DNS: %s; queues without mx_list will wait for it (name the servers with "
+                "kumo.dns.configure_resolver(name_servers=[...]) in the policy)",
+                problem,
+            )
+        else:
+            log.info("DNS: resolving with %s", self.resolver.servers)
 
     def is_alive(self) -> bool:
         """Return True while the resolver thread runs."""
@@ -111,14 +141,21 @@ class ResolverThread:
 
     # -- the resolver thread's side --------------------------------------------------------
 
-    def _start(self, domain: str) -> None:
-        task = self._loop.create_task(self._resolve(domain))
+    def _start(self, domain: str, sts: bool) -> None:
+        task = self._loop.create_task(self._resolve(domain, sts))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _resolve(self, domain: str) -> None:
+    async def _resolve(self, domain: str, sts: bool) -> None:
+        policy: StsPolicy | None = None
         try:
-            result = await self.resolver.resolve(domain)
+            if sts and self.sts is not None:
+                # Both at once: the policy fetch must not add its latency to the MX lookup.
+                result, policy = await asyncio.gather(
+                    self.resolver.resolve(domain), self.sts.policy_or_none(domain)
+                )
+            else:
+                result = await self.resolver.resolve(domain)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -128,9 +165,9 @@ class ResolverThread:
             name = normalize_domain(domain)
             error = DNSUnavailableError(name, f"resolving {name} failed: {exc!r}")
             result = Resolution(name, name, (), 0.0, error)  # expired: not worth caching
-        self._deliver(result)
+        self._deliver(Lookup(domain, result, policy))
 
-    def _deliver(self, result: Resolution) -> None:
+    def _deliver(self, result: Lookup) -> None:
         with self._lock:
             self._done.append(result)
             wake = not self._signalled

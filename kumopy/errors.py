@@ -32,6 +32,9 @@ __all__ = [
     "SpoolFullError",
     "SpoolLockedError",
     "StsError",
+    "TlsError",
+    "TlsHandshakeError",
+    "TlsUnavailableError",
     "WorkerBootError",
     "error_from_dict",
     "kind_of",
@@ -215,6 +218,40 @@ class SMTPReplyError(KumoError):
         return d
 
 
+# -- TLS ---------------------------------------------------------------------------------
+
+
+class TlsError(DeliveryError):
+    """STARTTLS could not protect the session; `host` and `address` name the peer."""
+
+    code = "tls_error"
+
+    def __init__(self, message: str, host: str | None, address: str) -> None:
+        super().__init__(message, transient=True)
+        self.host = host
+        """The name the certificate was checked against; None when only the IP was known."""
+        self.address = address
+        """The IP address connected to."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a msgpack-safe description, with the host and address."""
+        d = super().to_dict()
+        d.update(host=self.host, address=self.address)
+        return d
+
+
+class TlsUnavailableError(TlsError):
+    """The TLS mode forbids clear text and the peer offers no STARTTLS (or refused it)."""
+
+    code = "tls_unavailable"
+
+
+class TlsHandshakeError(TlsError):
+    """STARTTLS was accepted but the handshake or the certificate check failed; session closed."""
+
+    code = "tls_handshake"
+
+
 # -- DNS and MTA-STS ----------------------------------------------------------------------
 
 
@@ -347,6 +384,9 @@ _REGISTRY: dict[str, type[KumoError]] = {
         ResolverConfigError,
         StsError,
         HttpsGetError,
+        TlsError,
+        TlsUnavailableError,
+        TlsHandshakeError,
     )
 }
 

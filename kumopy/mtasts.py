@@ -25,6 +25,7 @@ __all__ = [
     "StsPolicy",
     "TxtLookup",
     "filter_hosts",
+    "host_matches",
     "parse_policy",
     "parse_txt",
 ]
@@ -71,22 +72,24 @@ class StsPolicy:
 
     def matches(self, host: str) -> bool:
         """Return True if MX `host` matches one of the patterns (RFC 8461 section 4.1)."""
-        name = _norm(host)
-        if not name or "*" in name:
-            return False
-        for pattern in self.mx:
-            if pattern.startswith("*."):
-                # A wildcard stands for exactly one leftmost label.
-                head, dot, rest = name.partition(".")
-                if dot and head and rest == pattern[2:]:
-                    return True
-            elif name == pattern:
-                return True
-        return False
+        return any(host_matches(pattern, host) for pattern in self.mx)
 
     def fresh(self, now: float) -> bool:
         """Return True while the policy may still be used from the cache."""
         return now < self.fetched + self.max_age
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """Return True if MX `host` matches one policy pattern (RFC 8461 section 4.1)."""
+    name = _norm(host)
+    if not name or "*" in name:
+        return False
+    pattern = _norm(pattern)
+    if pattern.startswith("*."):
+        # A wildcard stands for exactly one leftmost label.
+        head, dot, rest = name.partition(".")
+        return bool(dot and head and rest == pattern[2:])
+    return name == pattern
 
 
 def _valid_mx(pattern: str) -> bool:

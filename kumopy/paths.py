@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kumopy.errors import ConfigError, ConfigIssue, kind_of
+from kumopy.smtp.tls import TLS_MODES
 from kumopy.units import duration_seconds
 from kumopy.validation import check_ehlo_domain, suggest
 
@@ -16,15 +17,12 @@ __all__ = [
     "DEFAULT_PROHIBITED",
     "IP_LOOKUP_STRATEGIES",
     "PATH_OPTIONS",
-    "TLS_MODES",
     "EgressPath",
     "Network",
     "PathOptions",
     "make_egress_path",
 ]
 
-TLS_MODES = ("Opportunistic", "OpportunisticInsecure", "Required", "RequiredInsecure", "Disabled")
-"""KumoMTA's enable_tls values."""
 IP_LOOKUP_STRATEGIES = ("Ipv4AndIpv6", "Ipv4Only", "Ipv6Only", "Ipv4ThenIpv6", "Ipv6ThenIpv4")
 """KumoMTA's ip_lookup_strategy values (for a source with no address; a bound source keeps to
 its own family)."""

@@ -19,10 +19,12 @@ from kumopy.config import (
     QueueConfig,
     SourceDefinition,
 )
+from kumopy.dns import ResolverConfig
 from kumopy.errors import ConfigError, ConfigIssue, PolicyError
 from kumopy.paths import make_egress_path
 from kumopy.policy_calls import Policy, raised_at
 from kumopy.sources_file import SourcesMerger, read_sources_file
+from kumopy.units import duration_seconds
 from kumopy.validation import build_config, make_queue_config, suggest
 
 __all__ = ["EVENTS", "KumoNamespace", "Policy", "kumo", "load_policy"]
@@ -39,6 +41,7 @@ EVENTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
 """Events a policy may handle, with the arguments each handler receives."""
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
+_RESOLVER_OPTIONS = ("name_servers", "timeout", "attempts")
 
 
 def _caller(depth: int = 2) -> str:
@@ -106,10 +109,81 @@ def _options(spec: Mapping[str, Any] | None, options: dict[str, Any]) -> dict[st
     return {**spec, **options}
 
 
+class DnsNamespace:
+    """`kumo.dns`: where MX lookups go."""
+
+    __slots__ = ()
+
+    def configure_resolver(
+        self,
+        spec: Mapping[str, Any] | None = None,
+        /,
+        *,
+        name_servers: Sequence[str] | None = None,
+        timeout: float | str = "5s",
+        attempts: int = 2,
+        **unknown: Any,
+    ) -> None:
+        """Send DNS queries to these servers ("127.0.0.1:5353", "[::1]:53"), not resolv.conf."""
+        loader = _current("dns.configure_resolver")
+        where = _caller()
+        options = _options(spec, {"timeout": timeout, "attempts": attempts, **unknown})
+        servers = options.pop("name_servers", name_servers)
+        problems = [f"unknown option{suggest(str(k), _RESOLVER_OPTIONS)}" for k in unknown]
+        try:
+            if isinstance(servers, str) or not isinstance(servers, Sequence | type(None)):
+                raise ValueError(
+                    f'name_servers must be a list like ["127.0.0.1:53"], not {servers!r}'
+                )
+            seconds = duration_seconds(options["timeout"])
+            config = ResolverConfig(
+                name_servers=tuple(servers or ()), timeout=seconds, attempts=options["attempts"]
+            )
+        except (ValueError, TypeError) as exc:
+            problems.append(str(exc))
+        else:
+            loader.settings["resolver"] = config
+        for problem in problems:
+            loader.issues.append(ConfigIssue(where, "dns.configure_resolver", "", problem))
+
+
 class KumoNamespace:
     """The `kumo` object policies call, as KumoMTA's Lua policies call `kumo`."""
 
     __slots__ = ()
+
+    dns = DnsNamespace()
+    """MX lookups: `kumo.dns.configure_resolver(...)`."""
+
+    def configure_mta_sts(
+        self,
+        *,
+        https_port: int = 443,
+        ca_file: str | None = None,
+        timeout: float | str = "10s",
+    ) -> None:
+        """Set how MTA-STS policies are fetched: the HTTPS port, the CA bundle, the timeout."""
+        loader = _current("configure_mta_sts")
+        where = _caller()
+        try:
+            if isinstance(https_port, bool) or not isinstance(https_port, int):
+                raise ValueError(f"https_port must be a port number, not {https_port!r}")
+            if not 0 < https_port < 65536:
+                raise ValueError(f"https_port {https_port} is not 1 to 65535")
+            if ca_file is not None:
+                path = loader.base / ca_file
+                if not path.is_file():
+                    raise ValueError(f"ca_file {str(path)!r} is not a readable file")
+                ca_file = str(path)
+            seconds = duration_seconds(timeout)
+        except ValueError as exc:
+            loader.issues.append(ConfigIssue(where, "configure_mta_sts", "", str(exc)))
+            return
+        loader.settings["mta_sts"] = {
+            "https_port": https_port,
+            "ca_file": ca_file,
+            "timeout": seconds,
+        }
 
     @overload
     def on(self, event: str) -> Callable[[_Handler], _Handler]: ...

@@ -86,20 +86,20 @@ class Harness:
 
 def test_weights_hold_while_every_worker_is_busy(tmp_path: Path) -> None:
     h = Harness(tmp_path)
-    h.core.dispatcher.worker_ready(h.a, 1)
-    h.core.dispatcher.worker_ready(h.b, 1)
+    h.core.desk.worker_ready(h.a, 1)
+    h.core.desk.worker_ready(h.b, 1)
     h.inject(400)
     h.pump()
     # Each worker holds one job; the rest wait in the chosen source's backlog.
     assert len(h.sent[h.a]) == 1 and len(h.sent[h.b]) == 1
     assert Counter(
-        {h.a: h.core.dispatcher.rings["p"].picks[h.a], h.b: h.core.dispatcher.rings["p"].picks[h.b]}
+        {h.a: h.core.dispatcher.picks["p"][h.a], h.b: h.core.dispatcher.picks["p"][h.b]}
     ) == {
         h.a: 100,
         h.b: 300,
     }
     done = Counter[int]()
-    while h.core.dispatcher.dispatched:
+    while h.core.desk.dispatched:
         for src in (h.a, h.b):
             done[src] += h.deliver(src)
         h.pump()
@@ -108,32 +108,32 @@ def test_weights_hold_while_every_worker_is_busy(tmp_path: Path) -> None:
 
 def test_a_full_backlog_overflows_to_the_other_sources(tmp_path: Path) -> None:
     h = Harness(tmp_path, max_ready=2)
-    h.core.dispatcher.worker_ready(h.a, 1)
-    h.core.dispatcher.worker_ready(h.b, 1000)
+    h.core.desk.worker_ready(h.a, 1)
+    h.core.desk.worker_ready(h.b, 1000)
     h.inject(40)
     h.pump()
     # a never answers: it holds 1 job plus 2 in its backlog; b takes every other message.
-    assert len(h.sent[h.a]) == 1 and len(h.core.dispatcher.backlog[h.a]) == 2
+    assert len(h.sent[h.a]) == 1 and len(h.core.desk.backlog[h.a]) == 2
     assert len(h.sent[h.b]) == 37
-    assert not h.core.dispatcher.mask.get(h.a) and h.core.dispatcher.mask.get(h.b)
+    assert not h.core.desk.mask.get(h.a) and h.core.desk.mask.get(h.b)
 
 
 def test_a_dead_worker_gives_back_its_jobs_and_backlog(tmp_path: Path) -> None:
     h = Harness(tmp_path)
-    h.core.dispatcher.worker_ready(h.a, 2)
-    h.core.dispatcher.worker_ready(h.b, 2)
+    h.core.desk.worker_ready(h.a, 2)
+    h.core.desk.worker_ready(h.b, 2)
     h.inject(20)
     h.pump()
-    held = len(h.sent[h.a]) + len(h.core.dispatcher.backlog[h.a])
+    held = len(h.sent[h.a]) + len(h.core.desk.backlog[h.a])
     assert held == 5
-    assert h.core.dispatcher.worker_gone(h.a, "boot failure") == 5
+    assert h.core.desk.worker_gone(h.a, "boot failure") == 5
     h.sent[h.a].clear()
     h.pump()
-    assert len(h.core.dispatcher.backlog[h.a]) == 0  # nothing is picked for a dead source
-    while h.core.dispatcher.dispatched:
+    assert len(h.core.desk.backlog[h.a]) == 0  # nothing is picked for a dead source
+    while h.core.desk.dispatched:
         h.deliver(h.b)
         h.pump()
-    assert h.core.dispatcher.delivered[h.b] == 20 and h.core.dispatcher.delivered[h.a] == 0
+    assert h.core.desk.delivered[h.b] == 20 and h.core.desk.delivered[h.a] == 0
     h.core.outcomes.commit(force=True)
     assert h.spool.count() == 0
 
@@ -176,8 +176,8 @@ def test_outcomes_that_cannot_be_recorded_are_kept_and_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = Harness(tmp_path)
-    h.core.dispatcher.worker_ready(h.a, 10)
-    h.core.dispatcher.worker_ready(h.b, 10)
+    h.core.desk.worker_ready(h.a, 10)
+    h.core.desk.worker_ready(h.b, 10)
     h.inject(4)
     h.pump()
     real = h.spool.apply_outcomes
@@ -201,13 +201,13 @@ def test_outcomes_that_cannot_be_recorded_are_kept_and_retried(
 
 def test_a_job_past_its_lease_goes_to_another_attempt(tmp_path: Path) -> None:
     h = Harness(tmp_path, lease=60.0)
-    h.core.dispatcher.worker_ready(h.a, 10)
-    h.core.dispatcher.worker_ready(h.b, 10)
+    h.core.desk.worker_ready(h.a, 10)
+    h.core.desk.worker_ready(h.b, 10)
     h.inject(4)
     h.pump()
     stale = list(h.sent[h.a]) + list(h.sent[h.b])
-    assert len(stale) == 4 and h.core.dispatcher.expire_leases(59.0, 60.0) == 0
-    assert h.core.dispatcher.expire_leases(61.0, 60.0) == 4 and h.core.dispatcher.requeued == 4
+    assert len(stale) == 4 and h.core.desk.expire_leases(59.0, 60.0) == 0
+    assert h.core.desk.expire_leases(61.0, 60.0) == 4 and h.core.desk.requeued == 4
     h.sent = {0: [], 1: [], 2: []}
     h.pump()
     assert sum(len(v) for v in h.sent.values()) == 4  # sent again, with new job ids
@@ -219,16 +219,16 @@ def test_a_job_past_its_lease_goes_to_another_attempt(tmp_path: Path) -> None:
         for j in stale
     ]
     h.core.handle_results(h.a, late, 0.0)
-    assert h.core.dispatcher.delivered == [0, 0, 0]
+    assert h.core.desk.delivered == [0, 0, 0]
     h.deliver(h.a)
     h.deliver(h.b)
-    assert sum(h.core.dispatcher.delivered) == 4 and not h.core.dispatcher.dispatched
+    assert sum(h.core.desk.delivered) == 4 and not h.core.desk.dispatched
 
 
 def test_bodies_past_the_cache_budget_are_read_back_from_the_spool(tmp_path: Path) -> None:
     h = Harness(tmp_path, body_cache_bytes=10)  # room for two 4-byte bodies
-    h.core.dispatcher.worker_ready(h.a, 10)
-    h.core.dispatcher.worker_ready(h.b, 10)
+    h.core.desk.worker_ready(h.a, 10)
+    h.core.desk.worker_ready(h.b, 10)
     h.inject(5)
     assert h.core.book.cached_bytes == 8
     assert sum(m.data is None for m in h.core.book.msgs.values()) == 3
@@ -239,13 +239,13 @@ def test_bodies_past_the_cache_budget_are_read_back_from_the_spool(tmp_path: Pat
 
 def test_a_small_queue_is_not_buried_behind_a_bulk_one(tmp_path: Path) -> None:
     h = Harness(tmp_path, max_ready=50)
-    h.core.dispatcher.worker_ready(h.a, 10)
-    h.core.dispatcher.worker_ready(h.b, 10)
+    h.core.desk.worker_ready(h.a, 10)
+    h.core.desk.worker_ready(h.b, 10)
     h.inject(5000, "bulk.test")
     h.inject(5, "small.test")
     h.core.step(0.0)  # one turn: each queue gets at most a quantum
     sent = [r for jobs in h.sent.values() for j in jobs for r in j.recipients]
-    waiting = [i.msg.env.recipients[0] for b in h.core.dispatcher.backlog for i in b]
+    waiting = [i.msg.env.recipients[0] for b in h.core.desk.backlog for i in b]
     small = [r for r in sent + waiting if r.endswith("@small.test")]
     assert len(small) == 5  # all picked in the first turn, though 5000 bulk came first
     assert len(h.core.book.queues["bulk.test"].ready) == 5000 - 32

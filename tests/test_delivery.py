@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from kumopy.config import EgressSource
-from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult
+from kumopy.hostnames import host_address
+from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, SiteSpec
 from kumopy.smtp.protocol import END_OF_DATA, Timeouts
 from kumopy.worker.delivery import Deliverer
 from tests.smtp_peer import AiosmtpdPeer, refusing_port, run_deliverer, running_sink
@@ -17,10 +18,39 @@ from tests.smtp_peer import AiosmtpdPeer, refusing_port, run_deliverer, running_
 BODY = b"Subject: delivery test\n\nhello\n.dot line\n"
 
 
+SITES: dict[str, list[tuple[str, str | None, int, int]]] = {}
+"""Hosts of each site the tests' jobs name (a worker learns them from SITE messages)."""
+
+
 def job(job_id: int, hosts: list[tuple[str, int]], *rcpts: str, site: str = "example.net") -> Job:
-    """Build a job for the given recipients (default: one ordinary recipient)."""
+    """Build a job for the given recipients (default: one ordinary recipient) to these hosts."""
     recipients = list(rcpts) or [f"user{job_id}@example.net"]
-    return Job(job_id, f"msg-{job_id}", "sender@example.com", recipients, BODY, hosts, site)
+    name = f"{site}={hosts}"
+    SITES[name] = [
+        (h, str(a) if (a := host_address(h)) else None, p, n) for n, (h, p) in enumerate(hosts)
+    ]
+    return Job(job_id, f"msg-{job_id}", "sender@example.com", recipients, BODY, name)
+
+
+class SiteDeliverer(Deliverer):
+    """A Deliverer that learns each job's site from SITES, with these path settings."""
+
+    def __init__(
+        self,
+        src: EgressSource,
+        on_result: Callable[[JobResult], None],
+        hostname: str | None = None,
+        timeouts: Timeouts | None = None,
+        **config: Any,
+    ) -> None:
+        super().__init__(src, on_result, hostname=hostname)
+        self.config = {**config, "timeouts": dataclasses.asdict(timeouts or Timeouts())}
+
+    def submit(self, job: Job) -> None:
+        """Describe the job's site first, as the coordinator's SITE message would."""
+        if not self.has_site(job.site):
+            self.define_site(SiteSpec(job.site, SITES[job.site], dict(self.config)))
+        super().submit(job)
 
 
 def source(addr: str | None = "127.0.0.2", **kw: Any) -> EgressSource:
@@ -31,7 +61,14 @@ def source(addr: str | None = "127.0.0.2", **kw: Any) -> EgressSource:
 def deliver(
     src: EgressSource, jobs: list[Job], **kw: Any
 ) -> tuple[list[JobResult], dict[str, Any]]:
-    return run_deliverer(lambda on_result: Deliverer(src, on_result, **kw), jobs)
+    return run_deliverer(lambda on_result: SiteDeliverer(src, on_result, **kw), jobs)
+
+
+def site_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """Return the stats of the one site a test used."""
+    (one,) = stats["sites"].values()
+    result: dict[str, Any] = one
+    return result
 
 
 def test_delivers_from_the_source_address_with_its_ehlo_name() -> None:
@@ -48,7 +85,7 @@ def test_delivers_from_the_source_address_with_its_ehlo_name() -> None:
     (r,) = result.results
     assert (r.status, r.code, r.enhanced_code, r.command) == (DELIVERED, 250, "2.0.0", END_OF_DATA)
     assert not result.possible_duplicate
-    assert stats["delivered"] == 1 and stats["sites"]["example.net"]["opened"] == 1
+    assert stats["delivered"] == 1 and site_stats(stats)["opened"] == 1
 
 
 def test_ehlo_falls_back_to_given_hostname_then_gethostname() -> None:
@@ -87,7 +124,7 @@ def test_connections_are_reused_and_grow_with_backlog() -> None:
             # Without a backlog the pool must not grow: each job finds the idle connection.
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[JobResult] = loop.create_future()
-            d = Deliverer(source(), lambda r: waiter.set_result(r), connection_limit=32)
+            d = SiteDeliverer(source(), lambda r: waiter.set_result(r), connection_limit=32)
             for i in range(5):
                 d.submit(job(i, hosts))
                 assert (await asyncio.wait_for(waiter, 10)).results[0].status == DELIVERED
@@ -103,7 +140,7 @@ def test_max_deliveries_per_connection() -> None:
         jobs = [job(i, [("127.0.0.1", sink.port)]) for i in range(10)]
         _, stats = deliver(source(), jobs, connection_limit=1, max_deliveries_per_connection=3)
         records = sink.wait_for(10)
-    assert sink.connections == 4 and stats["sites"]["example.net"]["opened"] == 4
+    assert sink.connections == 4 and site_stats(stats)["opened"] == 4
     per_conn: dict[int, int] = {}
     for rec in records:
         per_conn[rec["conn"]] = per_conn.get(rec["conn"], 0) + 1
@@ -194,12 +231,6 @@ def test_host_names_are_resolved_within_the_family() -> None:
     assert result.results[0].status == DELIVERED
 
 
-def test_remote_port_overrides_the_host_port() -> None:
-    with running_sink() as sink:
-        (result,), _ = deliver(source(remote_port=sink.port), [job(1, [("127.0.0.1", 25)])])
-    assert result.results[0].status == DELIVERED
-
-
 def test_unplumbed_source_address_fails_with_its_name() -> None:
     with running_sink() as sink:
         (result,), stats = deliver(source("192.0.2.1"), [job(1, [("127.0.0.1", sink.port)])])
@@ -234,7 +265,7 @@ def test_idle_connections_close_after_the_idle_timeout() -> None:
             raise AssertionError("idle connection still open")
 
         run_deliverer(
-            lambda cb: Deliverer(source(), cb, timeouts=Timeouts(idle=0.1)),
+            lambda cb: SiteDeliverer(source(), cb, timeouts=Timeouts(idle=0.1)),
             [job(1, [("127.0.0.1", sink.port)])],
             after=wait_idle_close,
         )
@@ -246,7 +277,7 @@ def test_drain_finishes_queued_jobs_then_refuses_new_ones() -> None:
         results: list[JobResult] = []
 
         async def go() -> None:
-            d = Deliverer(source(), results.append, connection_limit=2)
+            d = SiteDeliverer(source(), results.append, connection_limit=2)
             for i in range(6):
                 d.submit(job(i, hosts))
             await d.drain(10)
@@ -266,7 +297,7 @@ def test_drain_deadline_reports_in_flight_jobs() -> None:
         results: list[JobResult] = []
 
         async def go() -> None:
-            d = Deliverer(source(), results.append, connection_limit=1)
+            d = SiteDeliverer(source(), results.append, connection_limit=1)
             d.submit(job(1, [("127.0.0.1", sink.port)], "slow-1@x.test"))
             d.submit(job(2, [("127.0.0.1", sink.port)]))
             while not sink.messages:
@@ -280,6 +311,7 @@ def test_drain_deadline_reports_in_flight_jobs() -> None:
     assert "stopped" in first.results[0].text and len(results) == 2
 
 
-def test_constructor_validates_limits() -> None:
-    with pytest.raises(ValueError, match="connection_limit"):
-        Deliverer(source(), lambda r: None, connection_limit=0)
+def test_a_job_for_a_site_the_worker_was_not_told_about_is_transient() -> None:
+    (result,), _ = run_deliverer(lambda cb: Deliverer(source(), cb), [job(1, [("127.0.0.1", 9)])])
+    (r,) = result.results
+    assert r.status == TRANSIENT and "not told about site" in r.text

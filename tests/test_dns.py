@@ -24,7 +24,7 @@ from kumopy.dns import (
     parse_name_server,
 )
 from kumopy.dns_cache import TTLCache
-from kumopy.dns_thread import ResolverThread
+from kumopy.dns_thread import Lookup, ResolverThread
 from kumopy.errors import (
     BadDomainError,
     DNSUnavailableError,
@@ -359,7 +359,7 @@ def test_the_resolver_thread_delivers_through_a_pollable_fd(fake: FakeDNS) -> No
     fake.set_delay("thread.test", 0.05)
     resolver = MXResolver(ResolverConfig(name_servers=(fake.address,), timeout=2.0))
     poller = zmq.Poller()
-    got: list[Resolution] = []
+    got: list[Lookup] = []
     with ResolverThread(resolver) as thread:
         assert thread.check() is None
         poller.register(thread.fileno(), zmq.POLLIN)
@@ -377,7 +377,7 @@ def test_the_resolver_thread_delivers_through_a_pollable_fd(fake: FakeDNS) -> No
         assert thread.drain() == [] and not poller.poll(0)  # the wake-up byte was consumed
         assert thread.is_alive()
     assert not thread.is_alive()
-    by_domain = {r.domain: r for r in got}
+    by_domain = {r.domain: r.resolution for r in got}
     assert by_domain["thread.test"].site == "mx1.shared.test,mx2.shared.test"
     assert isinstance(by_domain["nothing.test"].error, DomainNotFoundError)
     with pytest.raises(RuntimeError, match="closed"):

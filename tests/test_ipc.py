@@ -142,11 +142,27 @@ def test_parse_inject_request_level_errors() -> None:
 
 def test_jobs_round_trip_keeps_body_bytes_exact() -> None:
     body = b"a\r\n.b\nc\r"
-    jobs = [Job(1, "m1", "s@x.test", ["r@y.test"], body, [("127.0.0.1", 2525)], "mx_list:x")]
+    jobs = [Job(1, "m1", "s@x.test", ["r@y.test"], body, "mx_list:x")]
     frames = encode_jobs(jobs)
     back = decode_jobs(decode_header(frames[0]), frames)
-    assert back[0].recipients == ["r@y.test"] and back[0].hosts == [("127.0.0.1", 2525)]
+    assert back[0].recipients == ["r@y.test"] and back[0].site == "mx_list:x"
     assert bytes(back[0].data) == body
+
+
+def test_site_round_trip() -> None:
+    from kumopy.ipc.jobs import SiteSpec
+    from kumopy.ipc.work import SITE, decode_site, encode_site
+
+    spec = SiteSpec(
+        "mx1.y.test,mx2.y.test",
+        [("mx1.y.test", "192.0.2.1", 25, 10), ("mx2.y.test", None, 2525, 20)],
+        {"connection_limit": 3, "enable_tls": "Required"},
+        ("*.y.test",),
+    )
+    header = decode_header(encode_site(spec))
+    assert header["kind"] == SITE and decode_site(header) == spec
+    with pytest.raises(ProtocolError, match="malformed site"):
+        decode_site({"site": ["x", [["h", None, "not a port", 1]], {}, None]})
 
 
 def test_results_round_trip() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -256,28 +257,34 @@ def test_worker_that_cannot_bind_fails_at_boot_without_a_restart_storm(
     assert {r["peer_ip"] for r in recs if r["rcpt_to"][0] in set(rcpts)} == {"127.0.0.3"}
 
 
-def test_queue_without_mx_list_waits_with_a_clear_reason(
+def test_queue_without_mx_list_or_pool_waits_with_a_clear_reason(
     cluster: Cluster, make_policy: MakePolicy
 ) -> None:
-    body = POLICY.replace("mx_list=[SINK]", "mx_list=None if tenant == 'nomx' else [SINK]")
-    body = body.replace(
-        '.get(tenant, "unspecified")',
-        '.get(tenant, "nosuchpool" if tenant == "badpool" else "unspecified")',
-    )
-    coord, _ = boot(cluster, make_policy, policy=make_policy(body))
-    endpoint = coord.info["endpoint"]
-    send(endpoint, 1, "n-", tenant="nomx")
-    send(endpoint, 1, "b-", tenant="badpool")
+    # No mx_list: the queue's MX records are looked up, and the only DNS server is silent.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        dns = f"127.0.0.1:{silent.getsockname()[1]}"
+        body = POLICY.replace("mx_list=[SINK]", "mx_list=None if tenant == 'nomx' else [SINK]")
+        body = body.replace(
+            '.get(tenant, "unspecified")',
+            '.get(tenant, "nosuchpool" if tenant == "badpool" else "unspecified")',
+        )
+        body += f'kumo.dns.configure_resolver(name_servers=["{dns}"], timeout="0.3s")\n'
+        coord, _ = boot(cluster, make_policy, policy=make_policy(body))
+        endpoint = coord.info["endpoint"]
+        send(endpoint, 1, "n-", tenant="nomx")
+        send(endpoint, 1, "b-", tenant="badpool")
 
-    def reasons() -> dict[str, str]:
-        return {
-            r["recipient"]: r["response"]["content"]
-            for r in cluster.records(coord)
-            if r["type"] == "TransientFailure"
-        }
+        def reasons() -> dict[str, str]:
+            return {
+                r["recipient"]: r["response"]["content"]
+                for r in cluster.records(coord)
+                if r["type"] == "TransientFailure"
+            }
 
-    got = wait_for(lambda: len(reasons()) == 2 and reasons(), 30, "two TransientFailure records")
-    assert "mx_list" in got["n-0@dst.test"]
+        got = wait_for(lambda: len(reasons()) == 2 and reasons(), 30, "two TransientFailures")
+    nomx = got["n-0@dst.test"]
+    assert "MX records of dst.test" in nomx and dns in nomx, nomx
     assert "nosuchpool" in got["b-0@dst.test"]
     with Client(endpoint) as client:
         assert client.request("status")["messages"] == 2  # kept, waiting for a retry

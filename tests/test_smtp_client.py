@@ -18,8 +18,9 @@ from kumopy.errors import (
 from kumopy.smtp.client import SMTPClient
 from kumopy.smtp.protocol import END_OF_DATA, Timeouts
 from kumopy.smtp.replies import Reply, ReplyReader, parse_reply
-from kumopy.smtp.wire import encode_data
+from kumopy.smtp.wire import encode_data, wire_address
 from tests.smtp_peer import AiosmtpdPeer, refusing_port, running_sink
+from tests.test_smtp_tls import Peer, Scripted
 
 T = TypeVar("T")
 BODY = encode_data(b"Subject: test\n\n.leading dot\nbody\n")
@@ -108,6 +109,7 @@ def test_timeouts_defaults_and_validation() -> None:
     t = Timeouts()
     assert (t.connect, t.banner, t.ehlo, t.mail_from, t.rcpt_to) == (60, 60, 300, 300, 300)
     assert (t.data, t.data_dot, t.idle) == (300, 300, 5)
+    assert (t.starttls, t.data_block) == (60, 180)
     with pytest.raises(ValueError, match="data_dot"):
         Timeouts(data_dot=0)
 
@@ -347,3 +349,168 @@ def test_helo_fallback_when_ehlo_is_refused() -> None:
 def test_invalid_ehlo_domain() -> None:
     with pytest.raises(ValueError, match="EHLO domain"):
         run(lambda: connected(1, ehlo_domain="bad name"))
+
+
+def test_body_write_is_bounded_by_data_block() -> None:
+    # Far more than the socket buffers hold, to a peer that stops reading after 354.
+    payload = (b"x" * 998 + b"\r\n") * 32768 + b".\r\n"
+
+    async def go() -> tuple[list[Reply], bool]:
+        async with Scripted("PIPELINING", stall_body=True) as peer:
+            client = await connected(peer.port, timeouts=Timeouts(data_block=0.3, data=30))
+            result = await client.send_transaction("s@x.test", ["a@y.test"], payload)
+            return result.replies, result.possible_duplicate
+
+    (reply,), duplicate = run(go)
+    assert (reply.code, reply.enhanced_code) == (451, "4.4.2") and not duplicate
+    assert "timed out after 0.3s waiting for the reply to message body" in reply.text
+
+
+# -- SMTPUTF8 (RFC 6531) -------------------------------------------------------------------------
+
+UTF8_SENDER = "jörg@bücher.test"
+UTF8_RCPTS = ["用户@例子.test", "plain@y.test"]
+
+
+def test_wire_address_writes_utf8_only_when_told() -> None:
+    assert wire_address("jörg@bücher.test", utf8=True) == "jörg@bücher.test".encode()
+    assert wire_address('"jö rg"@x.test', utf8=True) == '"jö rg"@x.test'.encode()
+    with pytest.raises(InjectionError, match="needs an SMTPUTF8 session"):
+        wire_address("jörg@x.test")
+    for bad in ("jö\r\nRSET@x.test", "jö rg@x.test", "<jö>@x.test"):
+        with pytest.raises(InjectionError, match="not allowed on the wire"):
+            wire_address(bad, utf8=True)
+    with pytest.raises(InjectionError, match="not valid Unicode"):
+        wire_address("j\udcffrg@x.test", utf8=True)
+
+
+def test_smtputf8_against_aiosmtpd() -> None:
+    with Peer(smtputf8=True) as peer:
+
+        async def go() -> list[int]:
+            client = await connected(peer.port)
+            assert "SMTPUTF8" in client.extensions
+            result = await client.send_transaction(UTF8_SENDER, UTF8_RCPTS, BODY)
+            await client.quit()
+            return [r.code for r in result.replies]
+
+        assert run(go) == [250, 250]
+        (seen,) = peer.received
+        assert seen.mail_from == UTF8_SENDER and seen.rcpt_tos == UTF8_RCPTS
+        assert "SMTPUTF8" in seen.options
+
+
+def test_smtputf8_on_the_wire_with_8bitmime_and_pipelining() -> None:
+    body = encode_data("Subject: grüße\n\nbody\n".encode())
+
+    async def go() -> tuple[list[bytes], list[int]]:
+        async with Scripted("PIPELINING", "8BITMIME", "SMTPUTF8") as peer:
+            client = await connected(peer.port)
+            result = await client.send_transaction(UTF8_SENDER, UTF8_RCPTS, body)
+            await client.quit()
+            return peer.lines, [r.code for r in result.replies]
+
+    lines, codes = run(go)
+    assert codes == [250, 250]
+    assert lines[1:4] == [
+        f"MAIL FROM:<{UTF8_SENDER}> BODY=8BITMIME SMTPUTF8\r\n".encode(),
+        f"RCPT TO:<{UTF8_RCPTS[0]}>\r\n".encode(),
+        b"RCPT TO:<plain@y.test>\r\n",
+    ]
+
+
+def test_non_ascii_envelope_without_smtputf8_fails_every_recipient_unsent() -> None:
+    with Peer() as peer:
+
+        async def go() -> tuple[list[Reply], int]:
+            client = await connected(peer.port)
+            refused = await client.send_transaction("s@x.test", UTF8_RCPTS, BODY)
+            ok = await client.send_transaction("s@x.test", ["a@y.test"], BODY)
+            await client.quit()
+            return refused.replies, ok.replies[0].code
+
+        replies, ok = run(go)
+        assert ok == 250 and len(replies) == 2
+        for r in replies:
+            assert (r.code, r.enhanced_code, r.command) == (553, "5.6.7", None)
+            assert r.text == (
+                f"kumopy: non-ASCII address {UTF8_RCPTS[0]!r} needs SMTPUTF8, which 127.0.0.1 "
+                "does not offer"
+            )
+        assert peer.handler.mails == ["s@x.test"]  # only the ASCII transaction was sent
+
+
+def test_non_ascii_envelope_is_not_sent_ahead_to_a_peer_without_smtputf8() -> None:
+    async def go() -> tuple[list[bytes], list[int]]:
+        async with Scripted("PIPELINING") as peer:
+            client = await connected(peer.port)
+            nxt = (UTF8_SENDER, ["a@y.test"], BODY)
+            first = await client.send_transaction("s@x.test", ["a@y.test"], BODY, then=nxt)
+            second = await client.send_transaction(*nxt)
+            await client.quit()
+            return peer.lines, [first.replies[0].code, second.replies[0].code]
+
+    lines, codes = run(go)
+    assert codes == [250, 553]
+    assert [line.split(b":")[0] for line in lines if line.startswith(b"MAIL")] == [b"MAIL FROM"]
+
+
+# -- 452: too many recipients (RFC 5321 4.5.3.1.10) ----------------------------------------------
+
+
+def test_452_at_rcpt_asks_for_another_transaction_serial() -> None:
+    rcpts = [f"r{i}@y.test" for i in range(5)]
+    with Peer(rcpt_limit=2) as peer:
+
+        async def go() -> tuple[list[int], list[int], list[int]]:
+            client = await connected(peer.port)
+            first = await client.send_transaction("s@x.test", rcpts, BODY)
+            rest = [rcpts[i] for i in first.again]
+            second = await client.send_transaction("s@x.test", rest, BODY)
+            await client.quit()
+            return [r.code for r in first.replies], first.again, second.again
+
+        codes, again, again2 = run(go)
+        assert codes == [250, 250, 452, 452, 452] and again == [2, 3, 4] and again2 == [2]
+        # Serially, kumopy stops asking after the first 452: the limit is reached.
+        assert peer.handler.rcpts == rcpts[:3] + rcpts[2:]
+        assert [m.rcpt_tos for m in peer.received] == [rcpts[:2], rcpts[2:4]]
+
+
+@pytest.mark.parametrize("limit_reply", [b"452 4.5.3 Too many recipients", b"552 5.5.3 Too many"])
+def test_452_at_rcpt_asks_for_another_transaction_pipelined(limit_reply: bytes) -> None:
+    rcpts = ["full-1@y.test", "a@y.test", "full-2@y.test", "b@y.test", "c@y.test"]
+
+    async def go() -> tuple[list[Reply], list[int]]:
+        async with Scripted("PIPELINING", rcpt_limit=2, limit_reply=limit_reply) as peer:
+            client = await connected(peer.port)
+            result = await client.send_transaction("s@x.test", rcpts, BODY)
+            await client.quit()
+            assert len(peer.messages) == 1
+            return result.replies, result.again
+
+    replies, again = run(go)
+    # A full mailbox (4.2.2) is an ordinary deferral; only the limit asks for a new transaction.
+    assert again == [4]
+    assert [(r.code, r.enhanced_code) for r in replies[:4]] == [
+        (452, "4.2.2"),
+        (250, "2.0.0"),
+        (452, "4.2.2"),
+        (250, "2.0.0"),
+    ]
+    last = replies[4]
+    assert last.is_transient and last.command == "RCPT TO"
+    if limit_reply.startswith(b"552"):
+        assert (last.code, last.enhanced_code) == (452, "4.5.3")
+        assert last.text == "kumopy: too many recipients in one transaction (552 5.5.3 Too many)"
+
+
+def test_452_to_the_first_recipient_is_not_a_limit() -> None:
+    async def go() -> list[int]:
+        async with Scripted("PIPELINING", rcpt_limit=0) as peer:
+            client = await connected(peer.port)
+            result = await client.send_transaction("s@x.test", ["a@y.test", "b@y.test"], BODY)
+            await client.quit()
+            return result.again
+
+    assert run(go) == []

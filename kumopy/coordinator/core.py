@@ -15,10 +15,14 @@ from kumopy.coordinator.dispatch import Dispatcher
 from kumopy.coordinator.logs import LogWriter
 from kumopy.coordinator.outcomes import Outcomes
 from kumopy.coordinator.queues import Msg, QueueBook, SchedQueue
+from kumopy.coordinator.routes import Routes
+from kumopy.coordinator.sources import Sources
 from kumopy.coordinator.spool import SpooledMeta, SpoolStore
+from kumopy.dns_thread import ResolverThread
 from kumopy.errors import PolicyError
-from kumopy.ipc.jobs import Job, JobResult
-from kumopy.policy import Policy
+from kumopy.ipc.jobs import Job, JobResult, SiteSpec
+from kumopy.paths import EgressPath
+from kumopy.policy_calls import Policy
 from kumopy.smtp.wire import domain_of
 
 __all__ = ["Core", "CoreSettings", "new_msg_id", "trim_heap"]
@@ -86,11 +90,17 @@ class Core:
         logs: LogWriter,
         send_jobs: Callable[[int, list[Job]], None],
         settings: CoreSettings = CoreSettings(),
+        *,
+        send_site: Callable[[int, SiteSpec], None] | None = None,
+        path_defaults: EgressPath | None = None,
+        resolver: ResolverThread | None = None,
     ) -> None:
         self.policy = policy
         self.spool = spool
         self.logs = logs
         self.settings = settings
+        self.sources = policy.config.used_sources()
+        self.source_index = {s.name: i for i, s in enumerate(self.sources)}
         self.book = QueueBook(policy, self._on_ready)
         self.outcomes = Outcomes(
             self.book,
@@ -100,26 +110,41 @@ class Core:
             problem_retry=settings.problem_retry,
             max_pending=settings.max_pending_outcomes,
         )
-        self.dispatcher = Dispatcher(
-            policy.config,
+        self.routes = Routes(policy, self.sources, path_defaults or EgressPath(), resolver)
+        self.desk = Sources(
+            self.sources,
             self.book,
             spool,
             send_jobs,
-            self.outcomes.defer_queue,
-            quantum=settings.quantum,
-            max_ready=settings.max_ready,
+            send_site or (lambda src, spec: None),
+            settings.max_ready,
         )
-        self.sources = self.dispatcher.sources
-        self.source_index = self.dispatcher.source_index
+        self.dispatcher = Dispatcher(
+            policy.config,
+            self.book,
+            self.desk,
+            self.routes,
+            self.outcomes.refuse_queue,
+            quantum=settings.quantum,
+        )
         self.recovered = 0
 
     def _on_ready(self, q: SchedQueue) -> None:
         self.dispatcher.ready(q)
 
     # -- spool to queue: the one entry point -------------------------------------------------
-    def queue_name_for(self, domain: str, tenant: str | None, campaign: str | None) -> str:
+    def queue_name_for(self, domain: str, meta: dict[str, Any]) -> str:
         """Return the name of the queue a message goes to (creating the queue)."""
-        return self.book.queue_for(domain, tenant, campaign).name
+        return self._queue(domain, meta).name
+
+    def _queue(self, domain: str, meta: dict[str, Any]) -> SchedQueue:
+        routing = meta.get("routing_domain")
+        return self.book.queue_for(
+            domain,
+            meta.get("tenant"),
+            meta.get("campaign"),
+            routing.lower() if isinstance(routing, str) and routing else None,
+        )
 
     def enqueue(
         self,
@@ -137,9 +162,7 @@ class Core:
         A new message (data given) gets its Reception record and its body cached.
         """
         # All recipients of a spooled message share its domain (ingress splits by domain).
-        q = self.book.queue_for(
-            domain_of(env.recipients[0]), env.meta.get("tenant"), env.meta.get("campaign")
-        )
+        q = self._queue(domain_of(env.recipients[0]), env.meta)
         env.queue = q.name
         msg = Msg(self.book.new_handle(), msg_id, env, size, attempts, now if due is None else due)
         if data is not None:
@@ -152,9 +175,13 @@ class Core:
     def step(self, now: float) -> int:
         """Promote due messages, pick sources and feed the workers; return messages moved."""
         self.book.promote_due(now)
-        self.dispatcher.paused = self._pause_reason()
+        self.dispatcher.offer_again(self.routes.collect())
+        paused = self._pause_reason()
+        self.dispatcher.paused = paused
         moved = self.dispatcher.dispatch(now, self.settings.dispatch_budget)
-        return moved + self.dispatcher.feed(now)
+        if paused is None:  # push back on the workers too: no new delivery starts
+            moved += self.desk.feed(now)
+        return moved
 
     def _pause_reason(self) -> str | None:
         if self.outcomes.backlogged:
@@ -165,12 +192,12 @@ class Core:
         return None
 
     def tick(self, now: float) -> None:
-        """Periodic work: leases, suspensions, the log, idle queues, queues the policy refused."""
-        d = self.dispatcher
-        d.expire_leases(now, self.settings.lease)
-        d.resume_suspended(now)
+        """Periodic work: leases, suspensions, the log, idle queues, the heap."""
+        self.desk.expire_leases(now, self.settings.lease)
+        self.desk.resume_suspended(now)
         self.logs.check()
         self.book.drop_idle(now - self.settings.queue_idle)
+        self.routes.forget_expired(time.monotonic())
         if self.book.released_bytes >= _TRIM_AFTER:
             # Cached bodies are small malloc blocks among long-lived metadata: freed, they
             # stay in the heap's holes unless handed back, and RSS would keep its peak.
@@ -179,9 +206,9 @@ class Core:
 
     def handle_results(self, src: int, results: list[JobResult], now: float) -> None:
         """Apply a worker's results: log, then delete, reschedule or expire each message."""
-        d = self.dispatcher
+        desk = self.desk
         for res in results:
-            item = d.answered(res.job_id)
+            item = desk.answered(res.job_id)
             if item is None:
                 log.warning(
                     "result for unknown job %d from %s ignored (lease passed?)",
@@ -191,56 +218,58 @@ class Core:
                 continue
             if res.extra.get("bind_failed") and self.settings.suspend_unplumbed > 0:
                 reason = res.results[0].text if res.results else "cannot bind"
-                d.suspend(item.source, now + self.settings.suspend_unplumbed, reason)
-            d.delivered[item.source] += self.outcomes.apply(
+                desk.suspend(item.source, now + self.settings.suspend_unplumbed, reason)
+            desk.delivered[item.source] += self.outcomes.apply(
                 item, self.sources[item.source], res, now
             )
 
-    def reload(self, policy: Policy) -> None:
-        """Adopt a new policy: pools, weights and queue configs; the sources must not change."""
+    def reload(self, policy: Policy, path_defaults: EgressPath | None = None) -> None:
+        """Adopt a new policy: pools, weights, queue and path configs; sources must not change."""
         if policy.config.used_sources() != self.sources:
             raise PolicyError(
                 "the reloaded policy changes the egress sources in use; restart kumopy to "
                 "start or stop workers (pools, weights and queue configs reload live)"
             )
         self.policy = policy
-        self.dispatcher.build_rings(policy.config)
+        self.routes.reload(policy, path_defaults or self.routes.defaults)
         self.book.reload(policy)
+        self.dispatcher.build(policy.config)
 
     # -- status ------------------------------------------------------------------------------
     def status(self, queues_limit: int = 50, queues_offset: int = 0) -> dict[str, Any]:
         """Return counters for the status command and the demo (the largest queues only)."""
-        d = self.dispatcher
+        desk = self.desk
         book = self.book
         return {
             "messages": len(book.msgs),
-            "dispatched": len(d.dispatched),
-            "backlog": d.backlog_count(),
+            "dispatched": len(desk.dispatched),
+            "backlog": desk.backlog_count(),
             "delayed": len(book.due),
-            "requeued": d.requeued,
+            "requeued": desk.requeued,
             "recovered": self.recovered,
-            "ready": d.ready_count(),
-            "paused": d.paused,
+            "ready": self.dispatcher.ready_count(),
+            "paused": self.dispatcher.paused,
             "records": dict(self.logs.counts),
             "log": self.logs.state(),
             "outcomes": {"pending": self.outcomes.pending(), "failing": self.outcomes.failing},
+            "dns": {"lookups": self.routes.lookups, "destinations": len(self.routes.destinations)},
             "sources": {
                 s.name: {
                     "source_address": s.source_address,
                     "ehlo_domain": s.ehlo_domain,
-                    "credit": d.worker_credit(i),
-                    "dispatched": len(d.by_source[i]),
-                    "backlog": len(d.backlog[i]),
-                    "suspended": d.suspended[i][1] if i in d.suspended else None,
-                    "down": d.down.get(i),
-                    "delivered": d.delivered[i],
-                    "live": i not in d.down,
+                    "credit": desk.worker_credit(i),
+                    "dispatched": len(desk.by_source[i]),
+                    "backlog": len(desk.backlog[i]),
+                    "suspended": desk.suspended[i][1] if i in desk.suspended else None,
+                    "down": desk.down.get(i),
+                    "delivered": desk.delivered[i],
+                    "live": i not in desk.down,
                 }
                 for i, s in enumerate(self.sources)
             },
             "pools": {
-                ring.name: {self.sources[i].name: n for i, n in enumerate(ring.picks) if n}
-                for ring in d.rings.values()
+                pool: {self.sources[i].name: n for i, n in enumerate(counts) if n}
+                for pool, counts in self.dispatcher.picks.items()
             },
             "queue_count": len(book.queues),
             "queues": {

@@ -229,11 +229,9 @@ class Ingress:
     ) -> list[tuple[str, SpooledMeta]]:
         """Return the spool id and envelope of each spooled message one injected one becomes."""
         meta = item.meta
-        tenant = meta.get("tenant")
-        campaign = meta.get("campaign")
         out = []
         for domain, rcpts in groups.items():
-            queue = self.core.queue_name_for(domain, tenant, campaign)
+            queue = self.core.queue_name_for(domain, meta)
             out.append((new_msg_id(), SpooledMeta(item.sender, rcpts, meta, queue, now)))
         return out
 

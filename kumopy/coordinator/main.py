@@ -21,11 +21,12 @@ from kumopy.coordinator.core import Core
 from kumopy.coordinator.ingress import Ingress
 from kumopy.coordinator.logs import LogWriter
 from kumopy.coordinator.options import RunOptions, check_listen_endpoint
+from kumopy.coordinator.resolving import start_resolver
 from kumopy.coordinator.spool import SpoolStore
 from kumopy.coordinator.worklink import WorkLink
 from kumopy.errors import ConfigError, PolicyError
 from kumopy.ipc.framing import MAX_HEADER_BYTES
-from kumopy.ipc.jobs import Job
+from kumopy.ipc.jobs import Job, SiteSpec
 from kumopy.metrics import MetricsExporter
 from kumopy.policy import Policy, load_policy
 
@@ -65,12 +66,17 @@ class Coordinator:
         )
         self.logs = LogWriter(options.log_dir, max_bytes=options.log_max_bytes)
         self.logs.restore_unwritten(Path(options.spool_dir) / _UNLOGGED)
+        self.resolver = start_resolver(policy)
+        # The worker link needs the core; the core sends through the link: bind late.
         self.core = Core(
             policy,
             self.spool,
             self.logs,
-            lambda s, jobs: self.link.send_jobs(s, jobs),
+            self._send_jobs,
             options.core,
+            send_site=self._send_site,
+            path_defaults=options.path_defaults,
+            resolver=self.resolver,
         )
         self.ingress_handler = Ingress(self.core, options.limits, self.status)
         self.ctx = zmq.Context()
@@ -145,7 +151,7 @@ class Coordinator:
         """Reload the policy (SIGHUP); keep the running one if the new one has any error."""
         try:
             policy = load_policy(self.policy.path, self.sources_files)
-            self.core.reload(policy)
+            self.core.reload(policy, self.options.path_defaults)
         except (ConfigError, PolicyError) as exc:
             log.error("reload refused, keeping the running policy: %s", exc)
             self.reloads["failed"] += 1
@@ -186,6 +192,8 @@ class Coordinator:
         poller.register(self.ingress, zmq.POLLIN)
         poller.register(self.workers, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        if self.resolver is not None:  # DNS answers wake the loop; core.step collects them
+            poller.register(self.resolver.fileno(), zmq.POLLIN)
         last_tick = last_watchdog = last_prune = 0.0
         stop_deadline = 0.0
         busy = False
@@ -258,13 +266,16 @@ class Coordinator:
     def _send_jobs(self, src: int, jobs: list[Job]) -> None:
         self.link.send_jobs(src, jobs)
 
+    def _send_site(self, src: int, spec: SiteSpec) -> None:
+        self.link.send_site(src, spec)
+
     def _worker_ready(self, src: int) -> None:
         self._ready_seen.add(src)
         self._maybe_announce_ready()
 
     def _worker_exited(self, slot: WorkerSlot, reason: str) -> None:
         self._ready_seen.discard(slot.index)
-        self.core.dispatcher.worker_gone(slot.index, slot.failed)
+        self.core.desk.worker_gone(slot.index, slot.failed)
         self._maybe_announce_ready()
 
     def _maybe_announce_ready(self) -> None:
@@ -321,6 +332,8 @@ class Coordinator:
                 self.arbiter.terminate_all(signal.SIGKILL)
                 self.arbiter.wait_all(time.monotonic() + 5)
         self.core.outcomes.commit(force=True)
+        if self.resolver is not None:
+            self.resolver.close()
         self.logs.close()
         self.logs.keep_unwritten(Path(self.options.spool_dir) / _UNLOGGED)
         self.spool.close()

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from kumopy.coordinator.core import CoreSettings
 from kumopy.errors import ConfigError
 from kumopy.ipc.inject import DEFAULT_ENDPOINT, Limits
+from kumopy.paths import EgressPath
 
 __all__ = ["RunOptions", "check_listen_endpoint"]
 
@@ -39,6 +40,8 @@ class RunOptions:
     """Write the bound ingress endpoint here once every worker is ready (tests, demo)."""
     metrics: tuple[str, int] | None = None
     """Serve Prometheus metrics on this (host, port)."""
+    path_defaults: EgressPath = field(default_factory=EgressPath)
+    """Egress path config under the policy's get_egress_path_config (from the run flags)."""
 
 
 def check_listen_endpoint(endpoint: str, allow_remote: bool) -> None:

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kumopy.config import EgressSource
-from kumopy.coordinator.dispatch import Assignment
 from kumopy.coordinator.logs import LogWriter, response_dict
 from kumopy.coordinator.queues import Msg, QueueBook, SchedQueue, next_retry_delay
+from kumopy.coordinator.routes import Refusal
+from kumopy.coordinator.sources import Assignment
 from kumopy.coordinator.spool import SpooledMeta, SpoolStore
 from kumopy.errors import SpoolError
 from kumopy.ipc.jobs import DELIVERED, PERMANENT, JobResult
@@ -18,6 +19,9 @@ from kumopy.ipc.jobs import DELIVERED, PERMANENT, JobResult
 __all__ = ["Attempt", "Outcomes"]
 
 log = logging.getLogger(__name__)
+
+_SESSION_FACTS = ("tls_protocol_version", "tls_cipher", "tls_peer_subject_name", "mta_sts")
+"""What a worker reports about the session that a record carries (KumoMTA's field names)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class Outcomes:
         attempts: int,
         attempt: Attempt | None = None,
         possible_duplicate: bool = False,
+        facts: dict[str, object] | None = None,
     ) -> None:
         """Write one log record in KumoMTA's shape."""
         env = msg.env
@@ -93,6 +98,8 @@ class Outcomes:
         if possible_duplicate:
             # The peer may have taken the message before the connection broke after the dot.
             rec["possible_duplicate"] = True
+        if facts:
+            rec.update({k: v for k, v in facts.items() if k in _SESSION_FACTS})
         self.logs.write(rec)
 
     def reception(self, msg: Msg, now: float) -> None:
@@ -108,7 +115,7 @@ class Outcomes:
         attempt = Attempt(
             source,
             item.pool,
-            item.site,
+            item.route.key,
             result.source_address or source.source_address,
             {"name": result.peer_name, "addr": result.peer_addr},
         )
@@ -132,6 +139,7 @@ class Outcomes:
                 msg.attempts + 1,
                 attempt,
                 result.possible_duplicate and kind == "TransientFailure",
+                result.extra,
             )
         if pending:
             msg.env.recipients = pending
@@ -140,14 +148,19 @@ class Outcomes:
             self.finish(msg, now)
         return delivered
 
-    def defer_queue(self, q: SchedQueue, now: float, why: str, enhanced: str) -> None:
-        """Defer every ready message of a queue that cannot send now, with the reason."""
-        response = response_dict(451, enhanced, why, None)
+    def refuse_queue(self, q: SchedQueue, now: float, refusal: Refusal) -> None:
+        """Defer (4xx) or bounce (5xx) every ready message of a queue that cannot send now."""
+        response = response_dict(refusal.code, refusal.enhanced, refusal.text, None)
+        kind = "TransientFailure" if refusal.transient else "Bounce"
         while q.ready:
             msg = q.ready.popleft()
             for rcpt in msg.env.recipients:
-                self.record("TransientFailure", msg, rcpt, now, response, msg.attempts + 1)
-            self.retry_or_expire(q, msg, now, problem=True)
+                self.record(kind, msg, rcpt, now, response, msg.attempts + 1)
+            if refusal.transient:
+                self.retry_or_expire(q, msg, now, problem=True)
+            else:
+                msg.attempts += 1
+                self.finish(msg, now)
 
     def finish(self, msg: Msg, now: float) -> None:
         """Forget a message whose recipients all have their final outcome."""

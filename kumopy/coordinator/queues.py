@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kumopy._fast import DueQueue
 from kumopy.config import QueueConfig, queue_name
@@ -16,14 +17,11 @@ from kumopy.coordinator.spool import SpooledMeta
 from kumopy.errors import PolicyError
 from kumopy.policy import Policy
 
-__all__ = ["Msg", "QueueBook", "SchedQueue", "next_retry_delay", "site_for"]
+__all__ = ["Msg", "QueueBook", "SchedQueue", "next_retry_delay"]
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_CONFIG = QueueConfig()
-
-Site = tuple[str, list[tuple[str, int]]]
-"""A destination site: its name and its hosts (host, port) in preference order."""
 
 
 def next_retry_delay(config: QueueConfig, attempt: int, rng: random.Random | None = None) -> float:
@@ -34,14 +32,6 @@ def next_retry_delay(config: QueueConfig, attempt: int, rng: random.Random | Non
     # A little jitter keeps a burst of deferrals from coming back as one burst.
     jitter: float = (rng or random).uniform(0.0, 0.05)
     return float(delay * (1.0 + jitter))
-
-
-def site_for(config: QueueConfig) -> Site | None:
-    """Return the site name and host list of a queue config, or None without mx_list."""
-    if not config.mx_list:
-        return None
-    hosts = [(mx.host, mx.port if mx.port is not None else 25) for mx in config.mx_list]
-    return "mx_list:" + ",".join(str(mx) for mx in config.mx_list), hosts
 
 
 @dataclass(slots=True, eq=False)
@@ -63,13 +53,14 @@ class SchedQueue:
     """One scheduled queue: its config from the policy and its messages that are due now."""
 
     name: str
-    key: tuple[str, str | None, str | None]
-    """(domain, tenant, campaign): what the policy is asked about this queue."""
+    key: tuple[str, str | None, str | None, str | None]
+    """(domain, tenant, campaign, routing_domain): what the policy is asked about this queue."""
     config: QueueConfig | None = None
     """The policy's answer; None when it gave none (it raised, or returned something else)."""
     error: str | None = None
     """Why the queue cannot send (a policy error); its messages retry on their schedule."""
-    site: Site | None = None
+    dest: Any = None
+    """Where its mail goes now (a routes.Destination, set by dispatch)."""
     ready: deque[Msg] = field(default_factory=deque)
     delayed: int = 0
     """How many of this queue's messages wait in the due-time heap."""
@@ -84,6 +75,11 @@ class SchedQueue:
         if self.config is None or self.error is not None:
             return None
         return self.config.egress_pool
+
+    @property
+    def routing_domain(self) -> str:
+        """Return the domain whose MX records route this queue (KumoMTA's routing_domain)."""
+        return self.key[3] or self.key[0]
 
     @property
     def schedule(self) -> QueueConfig:
@@ -109,12 +105,18 @@ class QueueBook:
         self._empty: OrderedDict[str, float] = OrderedDict()
 
     # -- queues ------------------------------------------------------------------------------
-    def queue_for(self, domain: str, tenant: str | None, campaign: str | None) -> SchedQueue:
+    def queue_for(
+        self,
+        domain: str,
+        tenant: str | None,
+        campaign: str | None,
+        routing_domain: str | None = None,
+    ) -> SchedQueue:
         """Return (creating and configuring on first use) the scheduled queue for a message."""
-        name = queue_name(domain, tenant, campaign)
+        name = queue_name(domain, tenant, campaign, routing_domain)
         q = self.queues.get(name)
         if q is None:
-            q = self.queues[name] = SchedQueue(name, (domain, tenant, campaign))
+            q = self.queues[name] = SchedQueue(name, (domain, tenant, campaign, routing_domain))
             self.configure(q)
             # Empty from birth: forgotten when idle even if no message ever joins (a refused
             # batch names queues before its commit fails).
@@ -123,6 +125,7 @@ class QueueBook:
 
     def configure(self, q: SchedQueue) -> None:
         """Ask the policy for a queue's config (on first use, on reload, when it failed)."""
+        q.dest = None  # the config may name other smart hosts: route it again
         try:
             q.config, q.error = self.policy.queue_config(*q.key), None
         except PolicyError as exc:
@@ -131,9 +134,8 @@ class QueueBook:
             answer = exc.answer
             # A config naming an unknown pool still carries the queue's own retry schedule.
             q.config = answer if isinstance(answer, QueueConfig) else None
-            q.error, q.site = exc.message, None
+            q.error = exc.message
             return
-        q.site = site_for(q.config)
 
     def reload(self, policy: Policy) -> None:
         """Adopt a new policy and configure every queue again."""

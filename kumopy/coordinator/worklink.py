@@ -13,8 +13,17 @@ from kumopy.coordinator.arbiter import Arbiter
 from kumopy.coordinator.core import Core
 from kumopy.errors import KumoError, ProtocolError
 from kumopy.ipc.framing import decode_header
-from kumopy.ipc.jobs import Job
-from kumopy.ipc.work import BYE, HEARTBEAT, READY, RESULTS, decode_results, encode_jobs, encode_stop
+from kumopy.ipc.jobs import Job, SiteSpec
+from kumopy.ipc.work import (
+    BYE,
+    HEARTBEAT,
+    READY,
+    RESULTS,
+    decode_results,
+    encode_jobs,
+    encode_site,
+    encode_stop,
+)
 
 __all__ = ["WorkLink"]
 
@@ -52,7 +61,14 @@ class WorkLink:
             log.warning(
                 "worker %s unreachable (%s); requeueing %d jobs", name.decode(), exc, len(jobs)
             )
-            self.core.dispatcher.worker_gone(src, None)
+            self.core.desk.worker_gone(src, None)
+
+    def send_site(self, src: int, spec: SiteSpec) -> None:
+        """Tell a source's worker how it reaches a site (before that site's first job)."""
+        try:
+            self.sock.send_multipart([self.core.sources[src].name.encode(), encode_site(spec)])
+        except zmq.ZMQError as exc:
+            log.warning("worker %s unreachable (%s)", self.core.sources[src].name, exc)
 
     def stop_all(self, timeout: float) -> None:
         """Ask every running worker to finish what it holds within `timeout`, then exit."""
@@ -95,11 +111,11 @@ class WorkLink:
                 header.get("pid"),
                 credit,
             )
-            self.core.dispatcher.worker_ready(src, credit)
+            self.core.desk.worker_ready(src, credit)
             self.on_ready(src)
         elif kind == HEARTBEAT:
             pass
         elif kind == BYE:
-            self.core.dispatcher.worker_stopping(src)
+            self.core.desk.worker_stopping(src)
         else:
             raise ProtocolError(f"unknown worker message kind {kind!r}")

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["DELIVERED", "PERMANENT", "TRANSIENT", "Job", "JobResult", "RecipientResult"]
+__all__ = [
+    "DELIVERED",
+    "PERMANENT",
+    "TRANSIENT",
+    "Job",
+    "JobResult",
+    "RecipientResult",
+    "SiteSpec",
+]
 
 DELIVERED = "delivered"
 TRANSIENT = "transient"
@@ -25,10 +34,22 @@ class Job:
     """Recipients not yet delivered, all of one site."""
     data: bytes | memoryview
     """The message exactly as injected (RFC 5322 bytes, any line endings)."""
-    hosts: list[tuple[str, int]]
-    """Destination hosts in preference order: host name or IP literal, and port."""
     site: str
-    """Name of the destination site (the ready queue is source->site)."""
+    """The worker's site for it (the ready queue source->site); a SITE message described it."""
+
+
+@dataclass(slots=True)
+class SiteSpec:
+    """How this worker's source reaches one site: its hosts and the path config."""
+
+    name: str
+    hosts: list[tuple[str, str | None, int, int]]
+    """(host name, address or None to resolve, port, MX preference) in order of preference;
+    equal preferences are tried in random order per connection."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The egress path config as EgressPath.to_wire() gives it (limits, TLS, timeouts)."""
+    sts_testing: tuple[str, ...] | None = None
+    """MTA-STS testing mode: the patterns a host should match; a miss is reported only."""
 
 
 @dataclass(slots=True)

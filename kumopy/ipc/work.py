@@ -1,6 +1,7 @@
 """Coordinator <-> worker: every message kind between them, both directions, side by side.
 
-coordinator -> worker: deliver (jobs, each with its body frame), stop (drain and exit).
+coordinator -> worker: site (hosts and path config of a site), deliver (jobs, each with its
+body frame), stop (drain and exit).
 worker -> coordinator: ready (credit), heartbeat (stats), results (one per job), bye.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from kumopy.errors import ProtocolError
 from kumopy.ipc.framing import body_frame, encode_header
-from kumopy.ipc.jobs import Job, JobResult, RecipientResult
+from kumopy.ipc.jobs import Job, JobResult, RecipientResult, SiteSpec
 
 __all__ = [
     "BYE",
@@ -19,15 +20,18 @@ __all__ = [
     "HEARTBEAT",
     "READY",
     "RESULTS",
+    "SITE",
     "STOP",
     "WORKER_BOOT_ERROR",
     "decode_jobs",
     "decode_results",
+    "decode_site",
     "encode_bye",
     "encode_heartbeat",
     "encode_jobs",
     "encode_ready",
     "encode_results",
+    "encode_site",
     "encode_stop",
 ]
 
@@ -35,8 +39,11 @@ WORKER_BOOT_ERROR = 3
 """Exit code of a worker that cannot start at all (say, its address cannot be bound): the
 coordinator does not restart it."""
 
+SITE = "site"
+"""coordinator -> worker: `site` = [name, hosts, config, sts_testing], sent before the first job
+for that site and again whenever it changes (DNS answer, reload)."""
 DELIVER = "deliver"
-"""coordinator -> worker: `jobs` = [[job_id, msg_id, sender, recipients, hosts, site, frame]]."""
+"""coordinator -> worker: `jobs` = [[job_id, msg_id, sender, recipients, site, frame]]."""
 STOP = "stop"
 """coordinator -> worker: finish what you hold within `timeout` seconds, then exit."""
 READY = "ready"
@@ -69,12 +76,33 @@ def encode_stop(timeout: float) -> bytes:
     return encode_header(STOP, timeout=timeout)
 
 
+def encode_site(spec: SiteSpec) -> bytes:
+    """Pack a site's hosts and path config for a worker."""
+    hosts = [list(h) for h in spec.hosts]
+    sts = list(spec.sts_testing) if spec.sts_testing is not None else None
+    return encode_header(SITE, site=[spec.name, hosts, spec.config, sts])
+
+
+def decode_site(header: dict[str, Any]) -> SiteSpec:
+    """Rebuild a SiteSpec sent by encode_site()."""
+    try:
+        name, hosts, config, sts = header["site"]
+        spec_hosts = [
+            (str(h), None if a is None else str(a), int(p), int(f)) for h, a, p, f in hosts
+        ]
+        return SiteSpec(
+            str(name), spec_hosts, dict(config), tuple(map(str, sts)) if sts is not None else None
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed site message: {exc}") from None
+
+
 def encode_jobs(jobs: Sequence[Job]) -> list[Any]:
     """Frame a batch of jobs for a worker: header then one body frame per job."""
     specs = []
     frames: list[Any] = [b""]
     for n, job in enumerate(jobs, start=1):
-        specs.append([job.job_id, job.msg_id, job.sender, job.recipients, job.hosts, job.site, n])
+        specs.append([job.job_id, job.msg_id, job.sender, job.recipients, job.site, n])
         frames.append(job.data)
     frames[0] = encode_header(DELIVER, jobs=specs)
     return frames
@@ -84,12 +112,10 @@ def decode_jobs(header: dict[str, Any], frames: Sequence[Any]) -> list[Job]:
     """Rebuild the jobs of a deliver message (the coordinator is trusted; shape is checked)."""
     jobs = []
     try:
-        for job_id, msg_id, sender, rcpts, hosts, site, idx in header["jobs"]:
+        for job_id, msg_id, sender, rcpts, site, idx in header["jobs"]:
             frame = body_frame(frames, idx)
             data = frame.buffer if hasattr(frame, "buffer") else frame
-            jobs.append(
-                Job(job_id, msg_id, sender, list(rcpts), data, [(h, p) for h, p in hosts], site)
-            )
+            jobs.append(Job(job_id, msg_id, sender, list(rcpts), data, site))
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed deliver message: {exc}") from None
     return jobs

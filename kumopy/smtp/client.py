@@ -1,4 +1,4 @@
-"""One SMTP client conversation over asyncio: connect from a source address, EHLO, transactions."""
+"""One SMTP client session over asyncio: connect from a source, EHLO, STARTTLS, transactions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import struct
-from dataclasses import dataclass
 
 from kumopy.errors import (
     DeliveryError,
@@ -17,10 +17,14 @@ from kumopy.errors import (
     ProtocolError,
     SMTPReplyError,
     SourceBindError,
+    TlsHandshakeError,
+    TlsUnavailableError,
 )
 from kumopy.hostnames import UNSAFE
 from kumopy.smtp.protocol import END_OF_DATA, ClientProtocol, Timeouts
 from kumopy.smtp.replies import Reply, synthesized
+from kumopy.smtp.tls import TlsInfo, TlsPolicy, context_for, upgrade
+from kumopy.smtp.transaction import Transaction, TransactionResult, refusal
 from kumopy.smtp.wire import wire_address
 
 __all__ = ["SMTPClient", "TransactionResult"]
@@ -31,41 +35,6 @@ log = logging.getLogger(__name__)
 _CRLF = b"\r\n"
 _QUIT_TIMEOUT = 5.0
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
-
-
-@dataclass(slots=True)
-class TransactionResult:
-    """The outcome of one mail transaction: one reply per recipient, in order."""
-
-    replies: list[Reply]
-    """The reply deciding each recipient's fate (real or synthesized)."""
-    possible_duplicate: bool = False
-    """True when the body was sent but the reply after the final dot was not seen."""
-
-
-def _done(replies: list[Reply | None]) -> TransactionResult:
-    """Wrap a list in which every recipient has its reply."""
-    if None in replies:
-        raise AssertionError("a recipient was left without a reply")
-    return TransactionResult(replies)  # type: ignore[arg-type]
-
-
-class _Transaction:
-    """The state of one mail transaction while its replies come in."""
-
-    __slots__ = ("accepted", "dot_sent", "out", "recipients", "stage", "timeout")
-
-    def __init__(self, recipients: list[str], timeout: float) -> None:
-        self.recipients = recipients
-        self.out: list[Reply | None] = [None] * len(recipients)
-        """The reply deciding each recipient, once known."""
-        self.accepted: list[int] = []
-        """Indexes of the recipients the server accepted at RCPT."""
-        self.stage = "MAIL FROM"
-        """What the session is waiting for, named in a failure."""
-        self.timeout = timeout
-        self.dot_sent = False
-        """True once the final dot may have reached the server (a possible duplicate)."""
 
 
 class SMTPClient:
@@ -83,10 +52,17 @@ class SMTPClient:
         self.local_port: int | None = None
         self.transactions = 0
         """Completed MAIL transactions on this session."""
+        self.tls: TlsInfo | None = None
+        """What protects the session since STARTTLS; None while in clear."""
         self._ahead: bytes | None = None
         self._sock: socket.socket | None = None
 
     # -- properties ------------------------------------------------------------------------------
+
+    @property
+    def announced(self) -> bool:
+        """Return True when the next transaction's envelope is already on the wire."""
+        return self._ahead is not None
 
     @property
     def usable(self) -> bool:
@@ -119,12 +95,18 @@ class SMTPClient:
         source_address: str | None,
         ehlo_domain: str,
         timeouts: Timeouts | None = None,
+        tls: TlsPolicy | None = None,
     ) -> Reply:
-        """Open the session from source_address and greet; return the EHLO/HELO reply."""
+        """Open the session from source_address, greet, STARTTLS as tls says; return the EHLO reply.
+
+        tls None never says STARTTLS. TLS failures raise TlsUnavailableError or TlsHandshakeError.
+        """
         if not ehlo_domain or UNSAFE.search(ehlo_domain) or not ehlo_domain.isascii():
             raise ValueError(f"invalid EHLO domain {ehlo_domain!r}")
         if self._proto is not None:
             raise RuntimeError("SMTPClient.connect() called twice")
+        # Before any socket: a CA file that cannot be read is a ValueError, not a host failure.
+        ctx = context_for(tls) if tls is not None and tls.enabled else None
         self._timeouts = t = timeouts or Timeouts()
         self.peer_address, self.peer_port = host_addr, port
         self.local_address = source_address
@@ -164,7 +146,10 @@ class SMTPClient:
             banner = await self._proto_checked().reply(t.banner, "banner")
             if banner.code != 220:
                 raise SMTPReplyError(banner)
-            return await self._greet(ehlo_domain)
+            reply = await self._greet(ehlo_domain)
+            if tls is not None and ctx is not None:
+                reply = await self._starttls(tls, ctx, ehlo_domain) or reply
+            return reply
         except (OSError, ProtocolError) as exc:
             self.close()
             raise DeliveryError(f"session with {self._where} failed: {self._explain(exc)}") from exc
@@ -191,6 +176,35 @@ class SMTPClient:
                 return reply
         raise SMTPReplyError(reply)
 
+    async def _starttls(
+        self, policy: TlsPolicy, ctx: ssl.SSLContext, ehlo_domain: str
+    ) -> Reply | None:
+        """Upgrade to TLS when the peer offers it; return the EHLO reply given over TLS."""
+        p, t, where = self._proto_checked(), self._timeouts, self._where
+        host, addr, mode = policy.server_hostname, self.peer_address or "", policy.mode
+        if "STARTTLS" not in self.extensions:
+            if policy.required:
+                why = f"{where} does not offer STARTTLS and the TLS mode is {mode}"
+                raise TlsUnavailableError(why, host, addr)
+            return None
+        p.write(b"STARTTLS\r\n")
+        try:
+            reply = await p.reply(t.starttls, "STARTTLS")
+        except (OSError, ProtocolError) as exc:
+            # A peer offering STARTTLS that cannot answer it: broken TLS, as for the handshake.
+            why = f"STARTTLS with {where} failed: {self._why(exc, 'STARTTLS', t.starttls)}"
+            raise TlsHandshakeError(why, host, addr) from exc
+        if reply.code == 421:
+            raise SMTPReplyError(reply)
+        if reply.code != 220:
+            if policy.required:
+                why = f"{where} answered STARTTLS with {reply} and the TLS mode is {mode}"
+                raise TlsUnavailableError(why, host, addr)
+            return None  # RFC 3207: after a refusal the session goes on as it was
+        self.tls = await upgrade(p, ctx, policy, addr, where, t.starttls)
+        self.extensions = {}  # RFC 3207: forget what was learnt in clear
+        return await self._greet(ehlo_domain)
+
     # -- low level -------------------------------------------------------------------------------
 
     def _proto_checked(self) -> ClientProtocol:
@@ -208,43 +222,38 @@ class SMTPClient:
             return os.strerror(exc.errno)
         return str(exc) or type(exc).__name__
 
+    def _why(self, exc: BaseException, stage: str, timeout: float) -> str:
+        """Say how the session failed during stage."""
+        if isinstance(exc, TimeoutError):
+            return f"timed out after {timeout:g}s waiting for the reply to {stage}"
+        if isinstance(exc, ProtocolError):
+            return f"protocol error at {stage}: {exc}"
+        return f"connection lost during {stage}: {self._explain(exc)}"
+
     def _failure(self, exc: BaseException, stage: str, timeout: float) -> Reply:
         """Turn a session failure during stage into a transient synthesized reply."""
-        if isinstance(exc, TimeoutError):
-            why = f"timed out after {timeout:g}s waiting for the reply to {stage}"
-        elif isinstance(exc, ProtocolError):
-            why = f"protocol error at {stage}: {exc}"
-        else:
-            why = f"connection lost during {stage}: {self._explain(exc)}"
+        why = self._why(exc, stage, timeout)
         return synthesized(451, "4.4.2", f"kumopy: session with {self._where} {why}")
 
     # -- transactions ----------------------------------------------------------------------------
 
     def _commands(self, sender: str, recipients: list[str], payload: bytes) -> list[bytes]:
         """Return the MAIL FROM command followed by one RCPT TO per recipient."""
-        mail = b"MAIL FROM:<" + wire_address(sender, where="sender") + b">"
+        utf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
+        mail = b"MAIL FROM:<" + wire_address(sender, where="sender", utf8=utf8) + b">"
         if "SIZE" in self.extensions:
             mail += b" SIZE=%d" % len(payload)
         if "8BITMIME" in self.extensions and not payload.isascii():
             mail += b" BODY=8BITMIME"
+        if utf8:
+            mail += b" SMTPUTF8"  # refusal() made sure the server offers it
         cmds = [mail + _CRLF]
-        cmds += [b"RCPT TO:<" + wire_address(r) + b">\r\n" for r in recipients]
+        cmds += [b"RCPT TO:<" + wire_address(r, utf8=utf8) + b">\r\n" for r in recipients]
         return cmds
 
-    def _refusal(self, payload: bytes) -> Reply | None:
-        """Return the permanent reply for a payload this server cannot take, or None."""
-        limit = self.max_size
-        if limit and len(payload) > limit:
-            text = f"kumopy: message of {len(payload)} bytes exceeds the server's SIZE {limit}"
-            return synthesized(552, "5.3.4", text)
-        if "8BITMIME" not in self.extensions and not payload.isascii():
-            # Converting to 7 bit would break the DKIM signature the message may carry.
-            text = (
-                f"kumopy: the message has 8-bit content and {self.peer_address} does not "
-                "offer 8BITMIME"
-            )
-            return synthesized(554, "5.6.3", text)
-        return None
+    def _refusal(self, sender: str, recipients: list[str], payload: bytes) -> Reply | None:
+        """Return the permanent reply for a transaction this server cannot take, or None."""
+        return refusal(self.extensions, str(self.peer_address), sender, recipients, payload)
 
     async def send_transaction(
         self,
@@ -264,15 +273,15 @@ class SMTPClient:
             raise ValueError("a transaction needs at least one recipient")
         cmds = self._commands(sender, recipients, payload)
         ahead: bytes | None = None
-        if then is not None and self.pipelining and then[1] and self._refusal(then[2]) is None:
+        if then is not None and self.pipelining and then[1] and self._refusal(*then) is None:
             with contextlib.suppress(InjectionError):
                 ahead = b"".join(self._commands(*then)) + b"DATA\r\n"
         if not self.usable:
             raise DeliveryError(f"session with {self._where} is not usable")
-        refused = self._refusal(payload) if self._ahead is None else None
+        refused = self._refusal(sender, recipients, payload) if self._ahead is None else None
         if refused is not None:
             return TransactionResult([refused] * len(recipients))
-        txn = _Transaction(recipients, self._timeouts.mail_from)
+        txn = Transaction(recipients, self._timeouts.mail_from, clear=self.tls is None)
         try:
             if self.pipelining:
                 go = await self._envelope_pipelined(txn, cmds)
@@ -282,9 +291,9 @@ class SMTPClient:
                 await self._body(txn, payload, ahead)
         except (OSError, ProtocolError) as exc:
             return self._broken(txn, exc)
-        return _done(txn.out)
+        return txn.result()
 
-    async def _envelope_pipelined(self, txn: _Transaction, cmds: list[bytes]) -> bool:
+    async def _envelope_pipelined(self, txn: Transaction, cmds: list[bytes]) -> bool:
         """Send MAIL, every RCPT and DATA in one write (RFC 2920) and read their replies."""
         t = self._timeouts
         envelope = b"".join(cmds) + b"DATA\r\n"
@@ -295,37 +304,31 @@ class SMTPClient:
         else:
             self.close()
             raise RuntimeError("send_transaction() does not match the `then` announced")
-        mail = await self._proto_checked().reply(t.mail_from, "MAIL FROM")
-        if not mail.is_positive:
-            txn.out = [mail] * len(txn.recipients)
+        mail = txn.mail(await self._proto_checked().reply(t.mail_from, "MAIL FROM"))
         txn.stage, txn.timeout = "RCPT TO", t.rcpt_to
         for i in range(len(txn.recipients)):
-            reply = await self._proto_checked().reply(t.rcpt_to, "RCPT TO")
-            if reply.is_positive:
-                txn.accepted.append(i)
-            elif txn.out[i] is None:
-                txn.out[i] = reply
+            txn.rcpt(i, await self._proto_checked().reply(t.rcpt_to, "RCPT TO"))
         if not mail.is_positive:
             txn.accepted = []
         txn.stage, txn.timeout = "DATA", t.data
         return await self._data_reply(txn, mail.is_positive)
 
-    async def _envelope_serial(self, txn: _Transaction, cmds: list[bytes]) -> bool:
+    async def _envelope_serial(self, txn: Transaction, cmds: list[bytes]) -> bool:
         """Send MAIL, each RCPT, then DATA, one command per reply."""
         t = self._timeouts
         self._proto_checked().write(cmds[0])
-        mail = await self._proto_checked().reply(t.mail_from, "MAIL FROM")
-        if not mail.is_positive:
-            txn.out = [mail] * len(txn.recipients)
+        if not txn.mail(await self._proto_checked().reply(t.mail_from, "MAIL FROM")).is_positive:
             return False
         txn.stage, txn.timeout = "RCPT TO", t.rcpt_to
         for i, cmd in enumerate(cmds[1:]):
             self._proto_checked().write(cmd)
-            reply = await self._proto_checked().reply(t.rcpt_to, "RCPT TO")
-            if reply.is_positive:
-                txn.accepted.append(i)
-            else:
-                txn.out[i] = reply
+            txn.rcpt(i, await self._proto_checked().reply(t.rcpt_to, "RCPT TO"))
+            if txn.again:
+                # The server's limit is reached: the rest go to the next transaction unasked.
+                for j in range(i + 1, len(txn.recipients)):
+                    txn.again.append(j)
+                    txn.out[j] = txn.out[i]
+                break
         if not txn.accepted:
             txn.stage, txn.timeout = "RSET", t.mail_from
             await self.rset()
@@ -334,7 +337,7 @@ class SMTPClient:
         self._proto_checked().write(b"DATA\r\n")
         return await self._data_reply(txn, True)
 
-    async def _data_reply(self, txn: _Transaction, mail_ok: bool) -> bool:
+    async def _data_reply(self, txn: Transaction, mail_ok: bool) -> bool:
         """Read the reply to DATA; return True when the body is to be sent."""
         t = self._timeouts
         reply = await self._proto_checked().reply(t.data, "DATA")
@@ -345,7 +348,7 @@ class SMTPClient:
                 txn.stage, txn.timeout = "RSET", t.mail_from
                 await self.rset()
             return False
-        txn.stage, txn.timeout = "message body", t.data
+        txn.stage, txn.timeout = "message body", t.data_block
         if not txn.accepted:
             # The server wants a body nobody will receive: end it at once (RFC 2920).
             self._proto_checked().write(b".\r\n")
@@ -353,9 +356,13 @@ class SMTPClient:
             return False
         return True
 
-    async def _body(self, txn: _Transaction, payload: bytes, ahead: bytes | None) -> None:
+    async def _body(self, txn: Transaction, payload: bytes, ahead: bytes | None) -> None:
         """Send the body (and the next envelope, if any) and read the reply to the final dot."""
         t = self._timeouts
+        if txn.again:
+            # Recipients refused with 452 go next in a new transaction of their own: the next
+            # envelope must not be announced ahead of them.
+            ahead = None
         if ahead is None:
             self._proto_checked().write(payload)
         else:
@@ -366,7 +373,7 @@ class SMTPClient:
                 self._proto_checked().write(payload)
                 self._proto_checked().write(ahead, owed)
             self._ahead = ahead
-        await self._proto_checked().drain(t.data)
+        await self._proto_checked().drain(t.data_block)
         txn.dot_sent = True
         txn.stage, txn.timeout = "the final dot", t.data_dot
         final = await self._proto_checked().reply(t.data_dot, END_OF_DATA)
@@ -374,7 +381,7 @@ class SMTPClient:
             txn.out[i] = final
         self.transactions += 1
 
-    def _broken(self, txn: _Transaction, exc: OSError | ProtocolError) -> TransactionResult:
+    def _broken(self, txn: Transaction, exc: OSError | ProtocolError) -> TransactionResult:
         """End a session that failed mid-transaction; every open recipient is transient."""
         p = self._proto
         if p is not None:
@@ -386,9 +393,7 @@ class SMTPClient:
                 p.transport.abort()
         failure = self._failure(exc, txn.stage, txn.timeout)
         log.debug("transaction with %s failed at %s: %s", self._where, txn.stage, failure.text)
-        return TransactionResult(
-            [r if r is not None else failure for r in txn.out], possible_duplicate=txn.dot_sent
-        )
+        return txn.result(failure)
 
     async def rset(self) -> Reply:
         """Abort the current transaction with RSET and return the reply."""
@@ -401,14 +406,21 @@ class SMTPClient:
         return await self._proto_checked().reply(self._timeouts.mail_from, "NOOP")
 
     async def quit(self) -> None:
-        """Say QUIT politely (errors ignored) and close the connection."""
+        """Say QUIT politely (errors ignored), close the connection and wait until it is closed."""
+        timeout = min(_QUIT_TIMEOUT, self._timeouts.idle)
         if self.usable:
             try:
                 self._proto_checked().write(b"QUIT\r\n")
-                await self._proto_checked().reply(min(_QUIT_TIMEOUT, self._timeouts.idle), "QUIT")
+                await self._proto_checked().reply(timeout, "QUIT")
             except (OSError, ProtocolError) as exc:
                 log.debug("QUIT to %s failed: %s", self._where, exc)
         self.close()
+        p = self._proto
+        if p is not None and p.transport is not None:
+            # A TLS session ends with an exchange of close_notify alerts: let it finish, so that
+            # the socket is closed when quit() returns.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(p.closed), timeout)
 
     def arm_reset(self) -> None:
         """Make closing the socket (or exiting) send a TCP reset instead of the unsent data.

@@ -26,16 +26,26 @@ class Timeouts:
     """Waiting for the 220 greeting."""
     ehlo: float = 300.0
     """Reply to EHLO or HELO."""
+    starttls: float = 60.0
+    """Reply to STARTTLS, and the TLS handshake that follows."""
     mail_from: float = 300.0
     """Reply to MAIL FROM."""
     rcpt_to: float = 300.0
     """Reply to each RCPT TO."""
     data: float = 300.0
-    """Reply to DATA, and writing the message body."""
+    """Reply to DATA."""
+    data_block: float = 180.0
+    """Writing the message body."""
     data_dot: float = 300.0
     """Reply after the final dot."""
     idle: float = 5.0
     """How long an unused connection stays open."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, float]) -> Timeouts:
+        """Build from a {step: seconds} mapping, ignoring steps this version does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: float(v) for k, v in values.items() if k in known})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -48,6 +58,7 @@ EXPECTED: dict[str, tuple[int, ...]] = {
     "banner": (220,),
     "EHLO": (250,),
     "HELO": (250,),
+    "STARTTLS": (220,),
     "MAIL FROM": (250,),
     "RCPT TO": (250, 251),
     "DATA": (354,),

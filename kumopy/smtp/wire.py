@@ -8,12 +8,15 @@ from __future__ import annotations
 import re
 from typing import NoReturn
 
+import idna
+
 from kumopy._fast import encode_data
 from kumopy.errors import InjectionError
 from kumopy.hostnames import LDH_LABEL, UNSAFE, parse_address_literal
 
 __all__ = [
     "MAX_LINE_LENGTH",
+    "ascii_domain",
     "check_line_length",
     "decode_data",
     "domain_of",
@@ -33,11 +36,14 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _PLAIN_ADDRESS = re.compile(
     rf"(?=[^@]{{1,{_MAX_LOCAL}}}@){_ATEXT}+(?:\.{_ATEXT}+)*@{LDH_LABEL}(?:\.{LDH_LABEL})*"
 )
-_NOT_DOT_STRING = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
+# RFC 6531 (SMTPUTF8) widens atext and qtextSMTP with every non-ASCII character.
+_NOT_DOT_STRING = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.\u0080-\U0010ffff-]")
 _LABEL = re.compile(LDH_LABEL)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # RFC 5321 Quoted-string: qtextSMTP (%d32-33 / %d35-91 / %d93-126) or a quoted-pairSMTP.
 _QUOTED_LOCAL = re.compile(r'"(?:[ !#-\[\]-~]|\\[ -~])*"(?=@)')
+# RFC 6531 (3.3) adds UTF8-non-ascii to qtextSMTP.
+_QUOTED_LOCAL_UTF8 = re.compile(r'"(?:[ !#-\[\]-~\x80-\U0010ffff]|\\[ -~])*"(?=@)')
 _TERMINATOR = b".\r\n"
 _OVER = MAX_LINE_LENGTH + 1
 # Possessive quantifiers (Python 3.11) keep these linear: no backtracking into skipped lines.
@@ -77,7 +83,11 @@ def _domain_problem(domain: str) -> str | None:
     if bad is not None:
         return f"contains {_describe(bad.group())} in the domain"
     if not domain.isascii():
-        return "non-ASCII domain, use its IDNA (xn--) form"
+        # RFC 6531: a U-label domain is fine; it must map to a valid A-label (IDNA 2008).
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
+            return f"invalid internationalized domain: {exc}"
     if len(domain) > 253:
         return "domain longer than 253 octets"
     for label in domain.split("."):
@@ -118,8 +128,8 @@ def _dot_string_problem(local: str) -> str | None:
 
 def _quoted_string_problem(local: str) -> str | None:
     """Return what keeps local (starting with a quote) from being a Quoted-string, or None."""
-    # The caller has refused control characters and non-ASCII, so every octet left is qtextSMTP
-    # except the quote and the backslash, and any of them may follow a backslash.
+    # The caller has refused control characters, so every character left is qtextSMTP (RFC
+    # 6531 adds non-ASCII) except the quote and the backslash, which may follow a backslash.
     i, n = 1, len(local)
     while i < n:
         ch = local[i]
@@ -127,8 +137,13 @@ def _quoted_string_problem(local: str) -> str | None:
             if i == n - 1:
                 return None
             return f"{local[i + 1 :]!r} after the closing quote of the quoted local part"
-        # A backslash takes the next octet as it is (quoted-pairSMTP).
-        i += 2 if ch == "\\" else 1
+        if ch == "\\":
+            # quoted-pairSMTP: a backslash takes the next character, printable ASCII only.
+            if i + 1 < n and not " " <= local[i + 1] <= "~":
+                return f"{local[i : i + 2]!r}: only printable ASCII may follow a backslash"
+            i += 2
+        else:
+            i += 1
     if n > 1 and local[-1] == '"':
         # Reaching the end means that quote did not close the string: a backslash escaped it.
         return "unterminated quoted local part (its last quote is escaped by a backslash)"
@@ -152,12 +167,14 @@ def _address_problem(addr: str) -> str | None:
         return "empty local part"
     if not domain:
         return "empty domain"
-    # The one SMTPUTF8 gate: lifting it (RFC 6531) also means widening atext and qtextSMTP.
-    if not local.isascii():
-        return "non-ASCII local part needs SMTPUTF8, which is not supported yet"
-    if len(local) > _MAX_LOCAL:
+    # Lengths are in octets: a UTF-8 address (RFC 6531) counts its encoded bytes.
+    try:
+        octets = len(local.encode("utf-8")), len(addr.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "not valid Unicode (a lone surrogate)"
+    if octets[0] > _MAX_LOCAL:
         return f"local part longer than {_MAX_LOCAL} octets"
-    if len(addr) > _MAX_PATH:
+    if octets[1] > _MAX_PATH:
         return f"address longer than {_MAX_PATH} octets"
     check = _quoted_string_problem if local.startswith('"') else _dot_string_problem
     return check(local) or _domain_problem(domain)
@@ -178,37 +195,41 @@ def validate_address(addr: str, *, allow_empty: bool = False, where: str = "reci
     return addr
 
 
-def wire_address(addr: str, *, where: str = "recipient") -> bytes:
-    """Return addr as ASCII bytes for MAIL/RCPT; raise InjectionError if it could break the line.
+def wire_address(addr: str, *, where: str = "recipient", utf8: bool = False) -> bytes:
+    """Return addr as bytes for MAIL/RCPT; raise InjectionError if it could break the line.
 
     A cheap check for the hot path: only what would corrupt the command (control characters,
-    spaces or brackets outside a quoted local part, non-ASCII). Full syntax checks belong to
-    validate_address() at injection; every address it accepts passes here.
+    spaces or brackets outside a quoted local part, and non-ASCII unless utf8 says the session
+    uses SMTPUTF8, RFC 6531: then UTF-8). Full syntax checks belong to validate_address() at
+    injection; every address it accepts passes here.
     """
     bad = UNSAFE.search(addr)
     if bad is not None:
         # A quoted local part may hold spaces and brackets; look again past it.
-        quoted = _QUOTED_LOCAL.match(addr) if addr.startswith('"') else None
+        quoted = None
+        if addr.startswith('"'):
+            quoted = (_QUOTED_LOCAL_UTF8 if utf8 else _QUOTED_LOCAL).match(addr)
         if quoted is not None:
             bad = UNSAFE.search(addr, quoted.end())
         if bad is not None:
-            _refuse_on_wire(addr, where, bad.group())
+            _refuse_on_wire(addr, where, bad.group(), utf8)
     try:
-        return addr.encode("ascii")
+        return addr.encode("utf-8" if utf8 else "ascii")
     except UnicodeEncodeError:
-        _refuse_on_wire(addr, where, "")
+        _refuse_on_wire(addr, where, "", utf8)
 
 
-def _refuse_on_wire(addr: str, where: str, bad: str) -> NoReturn:
+def _refuse_on_wire(addr: str, where: str, bad: str, utf8: bool) -> NoReturn:
     """Raise the InjectionError for an address wire_address() will not write."""
     # Name a control character first: that is what could smuggle in a command.
     control = _CONTROL.search(addr)
     if control is not None:
         bad = control.group()
-    elif not addr.isascii():
-        raise InjectionError(
-            f"{where} {addr!r}: non-ASCII address needs SMTPUTF8, which is not supported yet"
-        )
+    elif utf8 and not bad:
+        # Only a lone surrogate (from surrogateescape decoding) has no UTF-8 form.
+        raise InjectionError(f"{where} {addr!r}: not valid Unicode, cannot be written as UTF-8")
+    elif not addr.isascii() and not utf8:
+        raise InjectionError(f"{where} {addr!r}: non-ASCII address needs an SMTPUTF8 session")
     raise InjectionError(f"{where} {addr!r}: contains {bad!r}, not allowed on the wire")
 
 
@@ -249,3 +270,14 @@ def _refuse_long_line(data: bytes | memoryview, start: int) -> NoReturn:
 def domain_of(addr: str) -> str:
     """Return the lowercased domain part of an address."""
     return addr.rpartition("@")[2].lower()
+
+
+def ascii_domain(addr: str) -> str:
+    """Return addr with a U-label domain as its A-label (RFC 6531 3.2: no SMTPUTF8 needed)."""
+    local, at, domain = addr.rpartition("@")
+    if not at or domain.isascii() or not local.isascii():
+        return addr
+    try:
+        return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    except (idna.IDNAError, UnicodeError):
+        return addr

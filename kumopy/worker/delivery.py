@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from kumopy.config import EgressSource
-from kumopy.errors import DeliveryError, SMTPReplyError, SourceBindError
-from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult
+from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, SiteSpec
+from kumopy.mtasts import host_matches as sts_match
 from kumopy.smtp.client import SMTPClient
 from kumopy.smtp.protocol import Timeouts
 from kumopy.smtp.replies import synthesized
-from kumopy.worker.hosts import Candidate, candidates
+from kumopy.worker.connect import Connector, Session
+from kumopy.worker.hosts import Candidate
 from kumopy.worker.prepare import Prepared, prepare, result_for
 
 __all__ = ["Deliverer"]
@@ -31,21 +32,27 @@ def _resolve_waiter(fut: asyncio.Future[Job | None]) -> None:
 
 
 class _Site:
-    """The ready queue and connection pool of one destination site."""
+    """The ready queue, connection pool and path config of one destination site."""
 
     __slots__ = (
+        "batch",
         "busy",
         "connecting",
         "counts",
+        "ehlo",
+        "limit",
+        "max_deliveries",
         "name",
         "open",
         "opened",
         "queue",
+        "spec",
+        "timeouts",
         "waiters",
     )
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, spec: SiteSpec, default_ehlo: str) -> None:
+        self.name = spec.name
         self.queue: deque[Job] = deque()
         self.waiters: deque[asyncio.Future[Job | None]] = deque()
         """Idle connections waiting for a job; submit() hands the job straight to one."""
@@ -54,6 +61,17 @@ class _Site:
         self.busy = 0
         self.opened = 0
         self.counts = {DELIVERED: 0, TRANSIENT: 0, PERMANENT: 0}
+        self.configure(spec, default_ehlo)
+
+    def configure(self, spec: SiteSpec, default_ehlo: str) -> None:
+        """Adopt a (new) description; open connections keep theirs until they close."""
+        c = spec.config
+        self.spec = spec
+        self.limit = int(c.get("connection_limit", 32))
+        self.max_deliveries = int(c.get("max_deliveries_per_connection", 1024))
+        self.batch = int(c.get("max_recipients_per_batch", 100))
+        self.timeouts = Timeouts.from_dict(c.get("timeouts") or {})
+        self.ehlo = str(c.get("ehlo_domain") or default_ehlo)
 
 
 class Deliverer:
@@ -64,25 +82,10 @@ class Deliverer:
         source: EgressSource,
         on_result: Callable[[JobResult], None],
         *,
-        connection_limit: int = 32,
-        max_deliveries_per_connection: int = 1024,
-        max_recipients_per_batch: int = 100,
-        timeouts: Timeouts | None = None,
         hostname: str | None = None,
     ) -> None:
-        for name, value in (
-            ("connection_limit", connection_limit),
-            ("max_deliveries_per_connection", max_deliveries_per_connection),
-            ("max_recipients_per_batch", max_recipients_per_batch),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
         self.source = source
         self._on_result = on_result
-        self._limit = connection_limit
-        self._max_deliveries = max_deliveries_per_connection
-        self._batch = max_recipients_per_batch
-        self._timeouts = timeouts or Timeouts()
         # Never getfqdn(): it would query the system resolver.
         self._ehlo = source.ehlo_domain or hostname or socket.gethostname()
         self._sites: dict[str, _Site] = {}
@@ -94,9 +97,21 @@ class Deliverer:
         self._clients: set[SMTPClient] = set()
         """Open sessions, so that abandon() can reset them all."""
         self._draining = False
-        self._bind_failures = 0
+        self._connector = Connector(source)
 
     # -- public API ------------------------------------------------------------------------------
+
+    def define_site(self, spec: SiteSpec) -> None:
+        """Learn (or update) how this source reaches a site: hosts, limits, TLS, timeouts."""
+        site = self._sites.get(spec.name)
+        if site is None:
+            self._sites[spec.name] = _Site(spec, self._ehlo)
+        else:
+            site.configure(spec, self._ehlo)
+
+    def has_site(self, name: str) -> bool:
+        """Return True once the worker was told about site `name`."""
+        return name in self._sites
 
     def submit(self, job: Job) -> None:
         """Queue a job for delivery; never blocks (call from the event loop)."""
@@ -109,7 +124,8 @@ class Deliverer:
             return
         site = self._sites.get(job.site)
         if site is None:
-            site = self._sites[job.site] = _Site(job.site)
+            self._fail_job(job, f"kumopy: the worker was not told about site {job.site!r}")
+            return
         while site.waiters:
             waiter = site.waiters.popleft()
             if not waiter.done():
@@ -170,7 +186,7 @@ class Deliverer:
             "queued": sum(len(s.queue) for s in self._sites.values()),
             "sending": len(self._sending),
             "pending": len(self._pending),
-            "bind_failures": self._bind_failures,
+            "bind_failures": self._connector.bind_failures,
             "draining": self._draining,
             **totals,
             "sites": sites,
@@ -223,7 +239,7 @@ class Deliverer:
 
     def _maybe_connect(self, site: _Site) -> None:
         """Open one more connection if jobs wait that no opening connection will take."""
-        if len(site.queue) > site.connecting and site.open + site.connecting < self._limit:
+        if len(site.queue) > site.connecting and site.open + site.connecting < site.limit:
             site.connecting += 1
             task = asyncio.get_running_loop().create_task(self._connection(site))
             self._tasks.add(task)
@@ -238,7 +254,7 @@ class Deliverer:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Job | None] = loop.create_future()
         site.waiters.append(fut)
-        handle = loop.call_later(self._timeouts.idle, _resolve_waiter, fut)
+        handle = loop.call_later(site.timeouts.idle, _resolve_waiter, fut)
         try:
             return await fut
         finally:
@@ -254,13 +270,13 @@ class Deliverer:
             site.connecting -= 1
         if opened is None:
             return
-        client, peer_name = opened
+        client, peer_name = opened.client, opened.peer_name
         self._clients.add(client)
         site.open += 1
         site.opened += 1
         ahead: Prepared | None = None
         try:
-            for n in range(self._max_deliveries, 0, -1):
+            for n in range(site.max_deliveries, 0, -1):
                 if ahead is not None:
                     prep, ahead = ahead, None
                 else:
@@ -271,7 +287,7 @@ class Deliverer:
                         # The peer dropped the idle session; another connection takes the job.
                         site.queue.appendleft(job)
                         break
-                    prep = prepare(job, self._batch)
+                    prep = prepare(job, site.batch)
                 site.busy += 1
                 self._sending.add(id(prep.job))
                 try:
@@ -298,54 +314,19 @@ class Deliverer:
         task = asyncio.current_task()
         return task is not None and task.cancelling() > 0
 
-    async def _open(self, site: _Site) -> tuple[SMTPClient, str] | None:
+    async def _open(self, site: _Site) -> Session | None:
         """Connect to the first host that greets us; on total failure fail the site's jobs."""
         if not site.queue:
             return None
-        hosts = site.queue[0].hosts
-        src = self.source.source_address
-        found, skipped = await candidates(self.source, hosts)
-        if not found:
-            listed = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
-            listed = listed or "none"
-            why = f"; {skipped}" if skipped else ""
-            text = (
-                f"kumopy: no {self.source.family or 'usable'} destination host for source "
-                f"{self.source.name!r} ({src or 'unbound'}) among {listed}{why}"
+        opened = await self._connector.open(site.spec, site.ehlo, site.timeouts)
+        if isinstance(opened, Session):
+            return opened
+        if opened.extra or site.open == 0:
+            # A bind failure fails every job (the source is suspended); otherwise the site's
+            # jobs wait for the connections still open.
+            self._fail_site(
+                site, opened.text, enhanced=opened.enhanced, peer=opened.peer, extra=opened.extra
             )
-            self._fail_site(site, text, enhanced="4.4.4")
-            return None
-        reasons: list[str] = []
-        last: Candidate | None = None
-        for cand in found:
-            name, addr, port = last = cand
-            client = SMTPClient()
-            try:
-                await client.connect(
-                    addr, port, source_address=src, ehlo_domain=self._ehlo, timeouts=self._timeouts
-                )
-            except DeliveryError as exc:
-                if isinstance(exc, SourceBindError):
-                    self._bind_failures += 1
-                    log.warning("source %s: %s", self.source.name, exc.message)
-                    extra: dict[str, object] = {
-                        "bind_failed": exc.address,
-                        "errno": exc.errno_name,
-                    }
-                    self._fail_site(site, f"kumopy: {exc.message}", peer=cand, extra=extra)
-                    return None
-                reasons.append(exc.message)
-                continue
-            except SMTPReplyError as exc:
-                reasons.append(f"{addr}:{port} answered {exc.reply.command or 'banner'} with {exc}")
-                continue
-            except ValueError as exc:
-                self._fail_site(site, f"kumopy: {exc}", peer=cand)
-                return None
-            return client, name
-        log.info("source %s: site %s unreachable: %s", self.source.name, site.name, reasons)
-        if site.open == 0:
-            self._fail_site(site, "kumopy: " + "; ".join(reasons), peer=last)
         return None
 
     def _fail_site(
@@ -368,7 +349,7 @@ class Deliverer:
     def _take_ahead(self, site: _Site) -> Prepared | None:
         """Pop the site's next job whose envelope can ride behind the current body."""
         while site.queue:
-            prep = prepare(site.queue.popleft(), self._batch)
+            prep = prepare(site.queue.popleft(), site.batch)
             if prep.batches:
                 return prep
             # Nothing to send for it: every recipient already has its (permanent) result.
@@ -382,9 +363,10 @@ class Deliverer:
         job, results = prep.job, prep.results
         duplicate = False
         ahead: Prepared | None = None
-        last = len(prep.batches) - 1
+        pending = deque(prep.batches)
         try:
-            for k, batch in enumerate(prep.batches):
+            while pending:
+                batch = pending.popleft()
                 if not client.usable:
                     lost = synthesized(
                         451, "4.4.2", "kumopy: connection lost before this batch of recipients"
@@ -393,21 +375,25 @@ class Deliverer:
                         results[i] = result_for(job.recipients[i], lost)
                     continue
                 then: tuple[str, list[str], bytes] | None = None
-                if k < last:
-                    nxt = prep.batches[k + 1]
-                    then = (job.sender, [job.recipients[i] for i in nxt], prep.payload)
+                if pending:
+                    then = (prep.sender, prep.rcpts(pending[0]), prep.payload)
                 elif more and client.pipelining and site.queue:
                     ahead = self._take_ahead(site)
                     if ahead is not None:
-                        a_job = ahead.job
-                        a_rcpts = [a_job.recipients[i] for i in ahead.batches[0]]
-                        then = (a_job.sender, a_rcpts, ahead.payload)
+                        then = (ahead.sender, ahead.rcpts(ahead.batches[0]), ahead.payload)
                 outcome = await client.send_transaction(
-                    job.sender, [job.recipients[i] for i in batch], prep.payload, then=then
+                    prep.sender, prep.rcpts(batch), prep.payload, then=then
                 )
                 duplicate = duplicate or outcome.possible_duplicate
                 for i, reply in zip(batch, outcome.replies, strict=True):
                     results[i] = result_for(job.recipients[i], reply)
+                if outcome.again and client.usable and not client.announced:
+                    # 452 "too many recipients": the rest go at once in a new transaction
+                    # (RFC 5321 4.5.3.1.10), before anything else on this session.
+                    if ahead is not None:
+                        site.queue.appendleft(ahead.job)
+                        ahead = None
+                    pending.appendleft([batch[j] for j in outcome.again])
         except BaseException:
             if ahead is not None:
                 site.queue.appendleft(ahead.job)
@@ -425,14 +411,35 @@ class Deliverer:
         """Report a prepared job whose every recipient has a result."""
         final = [r for r in prep.results if r is not None]
         assert len(final) == len(prep.results), "a recipient was left without a result"
-        self._report(
-            prep.job,
-            JobResult(
-                prep.job.job_id,
-                final,
-                peer_name=peer_name,
-                peer_addr=client.peer_address if client else None,
-                source_address=client.local_address if client else self.source.source_address,
-                possible_duplicate=duplicate,
-            ),
+        result = JobResult(
+            prep.job.job_id,
+            final,
+            peer_name=peer_name,
+            peer_addr=client.peer_address if client else None,
+            source_address=client.local_address if client else self.source.source_address,
+            possible_duplicate=duplicate,
         )
+        if client is not None:
+            result.extra.update(session_facts(client, peer_name, self._sites.get(prep.job.site)))
+        self._report(prep.job, result)
+
+
+def session_facts(client: SMTPClient, peer: str | None, site: _Site | None) -> dict[str, object]:
+    """Return what the log record says about the session: TLS, and MTA-STS testing mode."""
+    facts: dict[str, object] = {}
+    tls = client.tls
+    if tls is not None:
+        facts["tls_protocol_version"] = tls.protocol_version
+        facts["tls_cipher"] = tls.cipher
+        facts["tls_peer_subject_name"] = tls.peer_subject_name
+    patterns = site.spec.sts_testing if site is not None else None
+    if patterns is not None:
+        # MTA-STS testing mode (RFC 8461 5): report what enforce mode would have refused.
+        problems = []
+        if peer is None or not any(sts_match(p, peer) for p in patterns):
+            problems.append(f"MX host {peer} is not in the policy ({', '.join(patterns)})")
+        if tls is None or not tls.verified:
+            problems.append("the session was not over verified TLS")
+        if problems:
+            facts["mta_sts"] = "testing mode, would have failed: " + "; ".join(problems)
+    return facts

@@ -23,9 +23,11 @@ from kumopy.ipc.framing import decode_header
 from kumopy.ipc.jobs import JobResult
 from kumopy.ipc.work import (
     DELIVER,
+    SITE,
     STOP,
     WORKER_BOOT_ERROR,
     decode_jobs,
+    decode_site,
     encode_bye,
     encode_heartbeat,
     encode_ready,
@@ -82,7 +84,6 @@ class WorkerProcess:
         endpoint: str,
         credit: int,
         parent_pid: int,
-        deliverer_options: dict[str, Any] | None = None,
     ) -> None:
         self.source = source
         self.endpoint = endpoint
@@ -96,7 +97,7 @@ class WorkerProcess:
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
         self.results: list[JobResult] = []
         self._flush_scheduled = False
-        self.deliverer = Deliverer(source, self._on_result, **(deliverer_options or {}))
+        self.deliverer = Deliverer(source, self._on_result)
         self.stopping = asyncio.Event()
         self.drain_timeout = 30.0
 
@@ -126,6 +127,8 @@ class WorkerProcess:
                 if kind == DELIVER:
                     for job in decode_jobs(header, frames):
                         self.deliverer.submit(job)
+                elif kind == SITE:
+                    self.deliverer.define_site(decode_site(header))
                 elif kind == STOP:
                     self.drain_timeout = float(header.get("timeout", self.drain_timeout))
                     self.stopping.set()
@@ -186,7 +189,6 @@ def run_worker(
     endpoint: str,
     credit: int,
     parent_pid: int,
-    deliverer_options: dict[str, Any] | None = None,
 ) -> int:
     """Entry point of `python -m kumopy worker`."""
     _die_with_parent()
@@ -209,7 +211,7 @@ def run_worker(
         runner = asyncio.run
 
     async def main() -> int:
-        return await WorkerProcess(source, endpoint, credit, parent_pid, deliverer_options).run()
+        return await WorkerProcess(source, endpoint, credit, parent_pid).run()
 
     result: int = runner(main())
     return result
