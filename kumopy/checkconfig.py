@@ -1,15 +1,26 @@
-"""`kumopy check-config`: load a policy and sources files, and show or report what they define."""
+"""`kumopy check-config`: load a policy and sources files, probe its handlers, show or report."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from kumopy.checkprobe import (
+    NO_DNS,
+    SYNTHETIC_PROBES,
+    Probe,
+    ProbeResult,
+    format_probes,
+    parse_probe,
+    run_probe,
+)
 from kumopy.errors import ConfigError
+from kumopy.paths import EgressPath
 from kumopy.policy import Policy, load_policy
 
 __all__ = ["build_parser", "format_text", "main"]
@@ -22,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the check-config subcommand."""
     parser = argparse.ArgumentParser(
         prog="kumopy check-config",
-        description="Validate a policy and sources files, then list the sources and pools.",
-        epilog="Exit status: 0 when the configuration is valid, 2 when it is not.",
+        description="Validate a policy and sources files, list the sources and pools, then "
+        "call the policy's get_queue_config and get_egress_path_config handlers for some "
+        "queues (probes) and show or report what they answer.",
+        epilog="Exit status: 0 when the configuration is valid and every probe passes, 2 when not.",
     )
     parser.add_argument("policy", nargs="?", metavar="POLICY", help="Python policy file")
     parser.add_argument(
@@ -34,8 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="sources TOML file(s), merged after the policy's own; give POLICY first",
     )
+    parser.add_argument(
+        "--probe",
+        action="append",
+        type=_probe_arg,
+        default=[],
+        metavar="DOMAIN[,TENANT[,CAMPAIGN]]",
+        help="ask get_queue_config about this queue, then get_egress_path_config about each "
+        "source of its pool (repeatable); without --probe, a policy with handlers gets "
+        + " ".join(SYNTHETIC_PROBES)
+        + f". The site is the mx_list or the domain itself ({NO_DNS}); path settings are "
+        "compared with kumopy's built-in defaults, as `kumopy run`'s flags are not known here",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     return parser
+
+
+def _probe_arg(text: str) -> Probe:
+    """Parse a --probe value; argparse reports the error."""
+    try:
+        return parse_probe(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
@@ -97,7 +130,7 @@ def _issues_json(exc: ConfigError) -> dict[str, Any]:
 def main(
     argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
-    """Run `kumopy check-config POLICY [--sources FILE ...] [--json]`; return the exit status."""
+    """Run `kumopy check-config POLICY [--sources F] [--probe P] [--json]`; return the status."""
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     parser = build_parser()
@@ -109,7 +142,9 @@ def main(
         # argparse exits for --help and usage errors; the CLI wants a status instead.
         return exc.code if isinstance(exc.code, int) else _EXIT_INVALID
     try:
-        policy = load_policy(args.policy, args.sources)
+        # The policy's own prints go to stderr: stdout carries only check-config's output.
+        with contextlib.redirect_stdout(err):
+            policy = load_policy(args.policy, args.sources)
     except ConfigError as exc:
         if args.json:
             json.dump(_issues_json(exc), out, indent=2)
@@ -119,9 +154,31 @@ def main(
             err.write(f"kumopy check-config: {count} error{'s' if count != 1 else ''}:\n")
             err.writelines(f"  {issue}\n" for issue in exc.issues)
         return _EXIT_INVALID
+    results = _probe(policy, args.probe, err)
+    errors = [(result.probe, e) for result in results for e in result.errors]
     if args.json:
-        json.dump(policy.describe(), out, indent=2)
+        data = policy.describe()
+        data["probes"] = [result.to_dict() for result in results]
+        data["errors"] = [e.to_dict(probe) for probe, e in errors]
+        json.dump(data, out, indent=2)
         out.write("\n")
     else:
-        out.write(format_text(policy))
-    return _EXIT_OK
+        out.write(format_text(policy) + format_probes(policy, results))
+        if errors:
+            count = len(errors)
+            err.write(f"kumopy check-config: {count} error{'s' if count != 1 else ''}:\n")
+            err.writelines(f"  probe {probe.label}: {e.message}\n" for probe, e in errors)
+    return _EXIT_INVALID if errors else _EXIT_OK
+
+
+def _probe(policy: Policy, probes: list[Probe], err: TextIO) -> list[ProbeResult]:
+    """Run the given probes, or the synthetic ones when the policy has handlers to probe."""
+    if not probes:
+        handlers = ("get_queue_config", "get_egress_path_config")
+        if not any(policy.has_handler(event) for event in handlers):
+            return []
+        probes = [parse_probe(text, synthetic=True) for text in SYNTHETIC_PROBES]
+    # Path settings are compared with the built-in defaults: `kumopy run`'s flags are unknown.
+    defaults = EgressPath()
+    with contextlib.redirect_stdout(err):
+        return [run_probe(policy, probe, defaults) for probe in probes]

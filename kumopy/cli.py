@@ -78,6 +78,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 max_pending_outcomes=args.max_pending_outcomes,
             ),
             worker_args=["--log-level", args.log_level],
+            log_level=args.log_level,
             path_defaults=path_defaults(args),
             ready_file=args.ready_file,
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
@@ -119,6 +120,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     return run_worker(args.source_def, args.endpoint, args.credit, args.parent_pid)
+
+
+def _cmd_resolver(args: argparse.Namespace) -> int:
+    from kumopy.dns_process import serve
+
+    _setup_logging(args.log_level)
+    return serve(args.fd, args.settings, args.parent_pid)
 
 
 def _cmd_check_config(argv: list[str]) -> int:
@@ -280,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--parent-pid", type=int, required=True)
     w.add_argument("--log-level", default="INFO")
     w.set_defaults(func=_cmd_worker)
+
+    r = sub.add_parser("resolver", help="(internal) the coordinator's DNS lookups")
+    r.add_argument("--fd", type=int, required=True)
+    r.add_argument("--settings", required=True)
+    r.add_argument("--parent-pid", type=int, required=True)
+    r.add_argument("--log-level", default="INFO")
+    r.set_defaults(func=_cmd_resolver)
 
     st = sub.add_parser("status", help="print the coordinator's counters as JSON")
     st.add_argument("--endpoint", default=DEFAULT_ENDPOINT)

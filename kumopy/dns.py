@@ -416,7 +416,14 @@ class MXResolver:
                 notes.extend(f"{name}: {p}" for p in addrs.problems)
             else:
                 skipped.append((name, ", ".join(addrs.problems)))
-        site = domain if implicit else ",".join(sorted(targets))
+        # The site is the MX host set in preference order: hosts of equal preference joined by
+        # "|", preferences by ",". Domains listing the same hosts in another order differ.
+        groups: dict[int, list[str]] = {}
+        for name, pref in targets.items():
+            groups.setdefault(pref, []).append(name)
+        site = (
+            domain if implicit else ",".join("|".join(sorted(g)) for _, g in sorted(groups.items()))
+        )
         if hosts:
             notes.extend(f"MX host {name} skipped: {why}" for name, why in skipped)
             return Resolution(domain, site, tuple(hosts), expires, None, tuple(notes), implicit)

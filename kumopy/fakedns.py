@@ -226,6 +226,15 @@ class FakeDNS:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         for _ in range(20):
             udp = socket.socket(family, socket.SOCK_DGRAM)
+            # A burst of hundreds of queries must not overflow the default receive buffer
+            # (lost queries would only measure the buffer, not the resolver).
+            for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+                if option is not None:
+                    try:
+                        udp.setsockopt(socket.SOL_SOCKET, option, 8 * 1024 * 1024)
+                        break
+                    except OSError:
+                        continue
             udp.bind((self.host, 0))
             port = udp.getsockname()[1]
             tcp = socket.socket(family, socket.SOCK_STREAM)

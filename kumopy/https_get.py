@@ -33,6 +33,8 @@ async def https_get(
     # `deadline` (on loop.time()'s clock) bounds the connects and the exchange together.
     failures: list[str] = []
     stage = "connect"
+    if not host.isascii():
+        raise HttpsGetError(f"host {host!r} must be in its A-label (xn--) form", "connect")
     for addr in addresses:
         where = f"{addr} port {port}"
         try:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import dns.resolver
 
+from kumopy.dns import normalize_domain
 from kumopy.errors import HttpsGetError, StsError
 from kumopy.https_get import https_get
 
@@ -230,7 +231,8 @@ class StsFetcher:
 
     async def policy(self, domain: str) -> StsPolicy | None:
         """Return the domain's policy, None if it has none; raise StsError if fetching failed."""
-        domain = _norm(domain)
+        # The A-label form everywhere: cache key, TXT name, SNI and Host header (RFC 8461 3.3).
+        domain = normalize_domain(_norm(domain))
         task = self._inflight.get(domain)
         if task is None:
             task = asyncio.create_task(self._discover(domain))
@@ -245,6 +247,10 @@ class StsFetcher:
             return await self.policy(domain)
         except StsError as e:
             log.warning("MTA-STS for %s: no policy applied: %s", domain, e)
+            return None
+        except Exception:
+            # A failed policy must never cost the domain its MX answer: no policy, logged.
+            log.exception("MTA-STS for %s: no policy applied", domain)
             return None
 
     def _finished(self, domain: str, task: asyncio.Task[StsPolicy | None]) -> None:

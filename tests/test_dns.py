@@ -24,7 +24,7 @@ from kumopy.dns import (
     parse_name_server,
 )
 from kumopy.dns_cache import TTLCache
-from kumopy.dns_thread import Lookup, ResolverThread
+from kumopy.dns_process import Lookup, ResolverProcess
 from kumopy.errors import (
     BadDomainError,
     DNSUnavailableError,
@@ -111,7 +111,8 @@ def test_hosts_come_by_preference_with_equal_preferences_together(
         ["c.example.test"],
     ]
     assert res.families == frozenset({"ipv4", "ipv6"})
-    assert res.site == "a.example.test,b.example.test,c.example.test,d.example.test"
+    # The site names the hosts in preference order, equal preferences joined by "|".
+    assert res.site == "a.example.test|b.example.test,d.example.test,c.example.test"
 
 
 def test_no_mx_record_means_the_domains_own_addresses(fake: FakeDNS, resolver: MXResolver) -> None:
@@ -350,45 +351,50 @@ def test_the_cache_evicts_the_oldest_entry_when_full(clock: Clock) -> None:
     )
 
 
-# -- the resolver thread -----------------------------------------------------------------------
+# -- the resolver process ----------------------------------------------------------------------
 
 
-def test_the_resolver_thread_delivers_through_a_pollable_fd(fake: FakeDNS) -> None:
-    two_mx(fake, "thread.test")
+@pytest.mark.integration
+def test_the_resolver_process_answers_through_a_pollable_fd(fake: FakeDNS) -> None:
+    two_mx(fake, "proc.test")
     fake.add("mx1.shared.test", "A", "127.0.0.1")
-    fake.set_delay("thread.test", 0.05)
-    resolver = MXResolver(ResolverConfig(name_servers=(fake.address,), timeout=2.0))
+    fake.set_delay("proc.test", 0.05)
+    config = ResolverConfig(name_servers=(fake.address,), timeout=2.0)
     poller = zmq.Poller()
     got: list[Lookup] = []
-    with ResolverThread(resolver) as thread:
-        assert thread.check() is None
-        poller.register(thread.fileno(), zmq.POLLIN)
+    resolver = ResolverProcess(config)
+    try:
+        poller.register(resolver.fileno(), zmq.POLLIN)
         started = time.monotonic()
-        thread.submit("thread.test")
-        thread.submit("nothing.test")
+        resolver.submit("proc.test", sts=True)
+        resolver.submit("nothing.test")
         assert time.monotonic() - started < 0.05  # submit never waits for DNS
 
         def drained() -> bool:
             if poller.poll(50):
-                got.extend(thread.drain())
+                got.extend(resolver.drain())
             return len(got) == 2
 
-        wait_for(drained, 5, "two resolutions from the resolver thread")
-        assert thread.drain() == [] and not poller.poll(0)  # the wake-up byte was consumed
-        assert thread.is_alive()
-    assert not thread.is_alive()
-    by_domain = {r.domain: r.resolution for r in got}
-    assert by_domain["thread.test"].site == "mx1.shared.test,mx2.shared.test"
-    assert isinstance(by_domain["nothing.test"].error, DomainNotFoundError)
-    with pytest.raises(RuntimeError, match="closed"):
-        thread.submit("late.test")
-
-
-def test_the_resolver_thread_check_reports_a_silent_server(silent_port: int) -> None:
-    resolver = MXResolver(ResolverConfig(name_servers=(f"127.0.0.1:{silent_port}",), timeout=0.2))
-    with ResolverThread(resolver) as thread:
-        problem = thread.check()
-    assert problem is not None and f"127.0.0.1:{silent_port}" in problem
+        wait_for(drained, 10, "two lookups from the resolver process")
+        assert resolver.drain() == [] and resolver.is_alive()
+        by_domain = {r.domain: r for r in got}
+        assert by_domain["proc.test"].resolution.site == "mx1.shared.test,mx2.shared.test"
+        assert by_domain["proc.test"].sts is None  # asked, and the domain publishes none
+        assert isinstance(by_domain["nothing.test"].resolution.error, DomainNotFoundError)
+        # A dead resolver is restarted, and what it had not answered is asked again.
+        fake.set_delay("late.test", 0.5)
+        fake.add("late.test", "A", "127.0.0.1")
+        resolver.submit("late.test")
+        assert resolver._proc is not None
+        resolver._proc.kill()
+        wait_for(
+            lambda: [x for x in resolver.drain() if x.domain == "late.test"] or None,
+            20,
+            "a restart",
+        )
+    finally:
+        resolver.close()
+    assert not resolver.is_alive()
 
 
 # -- configuration -----------------------------------------------------------------------------

@@ -19,8 +19,7 @@ from kumopy.smtp.client import SMTPClient
 from kumopy.smtp.protocol import END_OF_DATA, Timeouts
 from kumopy.smtp.replies import Reply, ReplyReader, parse_reply
 from kumopy.smtp.wire import encode_data, wire_address
-from tests.smtp_peer import AiosmtpdPeer, refusing_port, running_sink
-from tests.test_smtp_tls import Peer, Scripted
+from tests.smtp_peer import AiosmtpdPeer, Peer, Scripted, refusing_port, running_sink
 
 T = TypeVar("T")
 BODY = encode_data(b"Subject: test\n\n.leading dot\nbody\n")

@@ -18,7 +18,7 @@ from kumopy.coordinator.queues import Msg, QueueBook, SchedQueue
 from kumopy.coordinator.routes import Routes
 from kumopy.coordinator.sources import Sources
 from kumopy.coordinator.spool import SpooledMeta, SpoolStore
-from kumopy.dns_thread import ResolverThread
+from kumopy.dns_process import ResolverProcess
 from kumopy.errors import PolicyError
 from kumopy.ipc.jobs import Job, JobResult, SiteSpec
 from kumopy.paths import EgressPath
@@ -93,7 +93,7 @@ class Core:
         *,
         send_site: Callable[[int, SiteSpec], None] | None = None,
         path_defaults: EgressPath | None = None,
-        resolver: ResolverThread | None = None,
+        resolver: ResolverProcess | None = None,
     ) -> None:
         self.policy = policy
         self.spool = spool

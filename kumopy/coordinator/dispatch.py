@@ -103,19 +103,21 @@ class Dispatcher:
         if dest.refusal is not None:
             self._troubled[q.name] = (q, dest.refusal)
             return
-        eligible, refusal = self._eligible(pool, dest)
+        eligible, refusal = self._eligible(pool, dest, q.routing_domain)
         if refusal is not None:
             self._troubled[q.name] = (q, refusal)
             return
         q.in_ring = True
         self._ring(pool, eligible).queues.append(q)
 
-    def _eligible(self, pool: str, dest: Destination) -> tuple[tuple[int, ...], Refusal | None]:
+    def _eligible(
+        self, pool: str, dest: Destination, routing: str
+    ) -> tuple[tuple[int, ...], Refusal | None]:
         """Return the pool's sources with a route to dest, or why none has one."""
         eligible = []
         refusals = []
         for src in self.pools[pool]:
-            route = self.routes.path(src, dest)
+            route = self.routes.path(src, dest, routing)
             if route.refusal is None:
                 eligible.append(src)
             else:
@@ -190,7 +192,7 @@ class Dispatcher:
                     break
                 msg = q.ready.popleft()
                 picks[src] += 1
-                route = self.routes.path(src, dest)
+                route = self.routes.path(src, dest, q.routing_domain)
                 self.sources.assign(src, Assignment(msg, q, src, ring.pool, route))
                 n += 1
             moved += n

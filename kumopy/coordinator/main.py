@@ -66,7 +66,7 @@ class Coordinator:
         )
         self.logs = LogWriter(options.log_dir, max_bytes=options.log_max_bytes)
         self.logs.restore_unwritten(Path(options.spool_dir) / _UNLOGGED)
-        self.resolver = start_resolver(policy)
+        self.resolver = start_resolver(policy, options.log_level)
         # The worker link needs the core; the core sends through the link: bind late.
         self.core = Core(
             policy,

@@ -36,6 +36,8 @@ class RunOptions:
     allow_remote: bool = False
     core: CoreSettings = field(default_factory=CoreSettings)
     worker_args: list[str] = field(default_factory=list)
+    log_level: str = "INFO"
+    """Logging level of the coordinator's child processes (workers, resolver)."""
     ready_file: str | None = None
     """Write the bound ingress endpoint here once every worker is ready (tests, demo)."""
     metrics: tuple[str, int] | None = None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass, field, replace
 
 from kumopy.config import EgressSource, QueueConfig
 from kumopy.coordinator.queues import SchedQueue
 from kumopy.dns import Resolution
-from kumopy.dns_thread import Lookup, ResolverThread
+from kumopy.dns_process import Lookup, ResolverProcess
 from kumopy.errors import DNSError, PolicyError
 from kumopy.hostnames import host_address
 from kumopy.mtasts import StsPolicy
@@ -21,6 +22,8 @@ __all__ = ["Destination", "PathRoute", "Refusal", "Routes", "Site"]
 log = logging.getLogger(__name__)
 
 _MX_LIST_TTL = float("inf")
+_MIN_TTL = 5.0
+"""Seconds a DNS answer is used at least, whatever its TTL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +108,7 @@ class Routes:
         policy: Policy,
         sources: list[EgressSource],
         defaults: EgressPath,
-        thread: ResolverThread | None,
+        thread: ResolverProcess | None,
     ) -> None:
         self.policy = policy
         self.sources = sources
@@ -162,7 +165,9 @@ class Routes:
             return []
         res = lookup.resolution
         dest.pending = False
-        dest.expires = res.expires
+        # A TTL of 0 (or an answer that aged in the resolver) still serves the mail that waited
+        # for it: without a floor the queue would look the domain up again at once, for ever.
+        dest.expires = max(res.expires, time.monotonic() + _MIN_TTL)
         dest.sts = lookup.sts
         if res.error is not None:
             dest.site = None
@@ -179,15 +184,19 @@ class Routes:
         return woken
 
     # -- paths -------------------------------------------------------------------------------
-    def path(self, src: int, dest: Destination) -> PathRoute:
-        """Return how source `src` reaches `dest` (cached until reload or a new DNS answer)."""
+    def path(self, src: int, dest: Destination, routing_domain: str) -> PathRoute:
+        """Return how source `src` reaches `dest` (cached until reload or a new DNS answer).
+
+        `routing_domain` is what the policy's get_egress_path_config hears about the first
+        queue to ask; the answer serves every queue of the site, as KumoMTA's ready queues do.
+        """
         site = dest.site
         assert site is not None
         sts = dest.sts if dest.sts is not None and dest.sts.mode != "none" else None
         sts_key = f"{sts.mode}:{sts.policy_id}" if sts is not None else ""
         route = self._routes.get((src, site.name, sts_key))
         if route is None:
-            route = self._build(src, dest, site, sts)
+            route = self._build(src, dest, site, sts, routing_domain)
             self._routes[(src, site.name, sts_key)] = route
         return route
 
@@ -204,9 +213,11 @@ class Routes:
             self._paths[(src, site)] = config
         return config
 
-    def _build(self, src: int, dest: Destination, site: Site, sts: StsPolicy | None) -> PathRoute:
+    def _build(
+        self, src: int, dest: Destination, site: Site, sts: StsPolicy | None, routing: str
+    ) -> PathRoute:
         source = self.sources[src]
-        config = self.path_config(src, site.name, dest.domain)
+        config = self.path_config(src, site.name, routing)
         enforce = sts is not None and sts.mode == "enforce" and config.enable_mta_sts
         family = source.family
         hosts: list[tuple[str, str | None, int, int]] = []
@@ -251,7 +262,12 @@ class Routes:
             else:
                 text = f"kumopy: no usable host for {site.name}: {why}"
             refusal = Refusal(451, "4.4.4", text)
-        testing = tuple(sts.mx) if sts is not None and sts.mode == "testing" else None
+        testing = None
+        if sts is not None and sts.mode == "testing" and config.enable_mta_sts:
+            testing = tuple(sts.mx)
+            # Its own worker site: the report must not land on records of a domain of the same
+            # MX hosts that has no policy (a site's description is shared by its jobs).
+            key = f"{site.name}|mta-sts-testing:{','.join(testing)}"
         return PathRoute(key, hosts, config, refusal, testing)
 
     def reload(self, policy: Policy, defaults: EgressPath) -> None:

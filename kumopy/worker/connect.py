@@ -34,8 +34,6 @@ class Session:
 
     client: SMTPClient
     peer_name: str
-    tls_note: str | None = None
-    """Why the session is in clear although TLS was wanted (a broken TLS host), if so."""
 
 
 @dataclass(slots=True)
@@ -96,9 +94,6 @@ class Connector:
         for cand in found:
             name, addr, port = last = cand
             tls = self._tls(spec, name, addr)
-            note = None
-            if tls.mode == "Disabled" and spec.config.get("enable_tls") in _OPPORTUNISTIC:
-                note = f"TLS with {addr} failed recently; sending in clear"
             for attempt in (tls, TlsPolicy("Disabled")):
                 client = SMTPClient()
                 try:
@@ -116,7 +111,6 @@ class Connector:
                         # while, starting now.
                         log.warning("%s; trying %s again in clear", exc.message, addr)
                         self._remember_broken(spec, addr)
-                        note = f"TLS with {addr} failed ({exc.message}); sent in clear"
                         continue
                     reasons.append(exc.message)
                     break
@@ -137,6 +131,6 @@ class Connector:
                     break
                 except ValueError as exc:
                     return Failure(f"kumopy: {exc}", "4.4.1", cand)
-                return Session(client, name, note)
+                return Session(client, name)
         log.info("source %s: site %s unreachable: %s", self.source.name, spec.name, reasons)
         return Failure("kumopy: " + "; ".join(reasons), "4.4.1", last)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -33,6 +32,7 @@ from kumopy.ipc.work import (
     encode_ready,
     encode_results,
 )
+from kumopy.parent import die_with_parent
 from kumopy.validation import source_from_dict
 from kumopy.worker.delivery import Deliverer
 
@@ -66,13 +66,6 @@ def check_source_address(source: EgressSource) -> str | None:
             )
             return f"cannot bind source address {source.source_address}: {exc.strerror}{hint}"
     return None
-
-
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: the kernel sends SIGTERM when the coordinator dies, even by SIGKILL.
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
 class WorkerProcess:
@@ -191,7 +184,7 @@ def run_worker(
     parent_pid: int,
 ) -> int:
     """Entry point of `python -m kumopy worker`."""
-    _die_with_parent()
+    die_with_parent()
     try:
         source = decode_definition(source_def)
     except (ValueError, TypeError, KeyError) as exc:
