@@ -248,7 +248,20 @@ def test_a_small_queue_is_not_buried_behind_a_bulk_one(tmp_path: Path) -> None:
     waiting = [i.msg.env.recipients[0] for b in h.core.desk.backlog for i in b]
     small = [r for r in sent + waiting if r.endswith("@small.test")]
     assert len(small) == 5  # all picked in the first turn, though 5000 bulk came first
-    assert len(h.core.book.queues["bulk.test"].ready) == 5000 - 32
+    # The same turn went on serving the bulk queue until both sources were full
+    # (credit 10 + max_ready 50 each), not one quantum and then a wait for the next event.
+    assert len(h.core.book.queues["bulk.test"].ready) == 5000 - (2 * 60 - 5)
+
+
+def test_one_turn_fills_the_sources_from_a_single_queue(tmp_path: Path) -> None:
+    h = Harness(tmp_path, max_ready=500)
+    h.core.desk.worker_ready(h.a, 100)
+    h.core.desk.worker_ready(h.b, 100)
+    h.inject(3000)
+    moved = h.core.step(0.0)
+    # Far more than one quantum (32): the loop sleeps after a turn that leaves the sources idle.
+    assert moved == 2 * 600 + 200 and len(h.sent[h.a]) == 100 and len(h.sent[h.b]) == 100
+    assert len(h.core.book.queues["y.test"].ready) == 3000 - 1200
 
 
 def test_injection_ids_are_forgotten_after_the_dedup_window(tmp_path: Path) -> None:

@@ -172,9 +172,9 @@ class Dispatcher:
         picks = self.picks[ring.pool]
         mono = time.monotonic()
         moved = 0
-        visits = len(queues)
-        while visits > 0 and moved < budget:
-            visits -= 1
+        # Round after round until the budget is spent, the sources are busy or the queues are
+        # empty: every visit moves a message, leaves the ring or ends the turn, so this ends.
+        while queues and moved < budget:
             q = queues.popleft()
             dest = q.dest
             if not q.ready or q.pool != ring.pool or dest is None or dest.expires <= mono:
