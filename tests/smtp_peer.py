@@ -403,7 +403,8 @@ class Scripted:
     `starttls` says how it meets STARTTLS: a reply line (a 220 starts TLS with tls_context),
     or "garbage", "close", "hang" (220, then that), "silent" (no reply), "inject-reply" or
     "inject-partial" (plain-text bytes right behind the 220). RCPTs beyond rcpt_limit get
-    limit_reply; local parts starting with "full-" get 452 4.2.2.
+    limit_reply; local parts starting with "full-" get 452 4.2.2. stall_at names a verb (EHLO,
+    MAIL, RCPT, DATA) at which the session stops answering and reads on in silence.
     """
 
     def __init__(
@@ -415,8 +416,10 @@ class Scripted:
         rcpt_limit: int | None = None,
         limit_reply: bytes = b"452 4.5.3 Too many recipients",
         stall_body: bool = False,
+        stall_at: str | None = None,
     ) -> None:
         self.extensions = extensions
+        self.stall_at = stall_at.encode() if stall_at else None
         self.tls_extensions = tls_extensions
         self.starttls = starttls
         self.tls_context = tls_context
@@ -490,6 +493,11 @@ class Scripted:
         while line := await reader.readline():
             self.lines.append(line)
             verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == self.stall_at:
+                # No reply to this or anything after it: the client's timeout for this step fires.
+                while await reader.read(65536):
+                    pass
+                return
             if verb == b"EHLO":
                 lines = [b"scripted.test", *(e.encode() for e in self.extensions)]
                 writer.write(b"".join(b"250-" + x + b"\r\n" for x in lines[:-1]))

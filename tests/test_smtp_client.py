@@ -288,7 +288,10 @@ def test_greeting_421_and_connect_failures() -> None:
 
 
 def test_banner_timeout() -> None:
-    with running_sink(greeting_delay=3.0) as sink, pytest.raises(DeliveryError, match="timed out"):
+    with (
+        running_sink(greeting_delay=3.0) as sink,
+        pytest.raises(DeliveryError, match=r"timed out after 0\.2s waiting for the banner"),
+    ):
         run(lambda: connected(sink.port, timeouts=Timeouts(banner=0.2)))
 
 
@@ -348,6 +351,38 @@ def test_helo_fallback_when_ehlo_is_refused() -> None:
 def test_invalid_ehlo_domain() -> None:
     with pytest.raises(ValueError, match="EHLO domain"):
         run(lambda: connected(1, ehlo_domain="bad name"))
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "serial"])
+@pytest.mark.parametrize(
+    ("verb", "field", "step"),
+    [
+        ("EHLO", "ehlo", "EHLO"),
+        ("MAIL", "mail_from", "MAIL FROM"),
+        ("RCPT", "rcpt_to", "RCPT TO"),
+        ("DATA", "data", "DATA"),
+    ],
+)
+def test_each_step_has_its_own_timeout(verb: str, field: str, step: str, pipelining: bool) -> None:
+    # Every other timeout stays long: only the one of the stalled step can end the wait.
+    timeouts = Timeouts(**{field: 0.3})
+    extensions = ("PIPELINING",) if pipelining else ()
+
+    async def go() -> tuple[list[Reply], bool, bool]:
+        async with Scripted(*extensions, stall_at=verb) as peer:
+            client = await connected(peer.port, timeouts=timeouts)
+            result = await client.send_transaction("s@x.test", ["a@y.test"], BODY)
+            return result.replies, result.possible_duplicate, client.usable
+
+    if verb == "EHLO":
+        expected = r"timed out after 0\.3s waiting for the reply to EHLO"
+        with pytest.raises(DeliveryError, match=expected):
+            run(go)
+        return
+    (reply,), duplicate, usable = run(go)
+    assert (reply.code, reply.enhanced_code) == (451, "4.4.2")
+    assert f"timed out after 0.3s waiting for the reply to {step}" in reply.text
+    assert not duplicate and not usable  # nothing of the body went: no duplicate is possible
 
 
 def test_body_write_is_bounded_by_data_block() -> None:

@@ -142,17 +142,21 @@ class SMTPClient:
             raise
         self._proto = proto
         self._sock = sock
+        stage, timeout = "the banner", t.banner
         try:
             banner = await self._proto_checked().reply(t.banner, "banner")
             if banner.code != 220:
                 raise SMTPReplyError(banner)
+            stage, timeout = "EHLO", t.ehlo
             reply = await self._greet(ehlo_domain)
             if tls is not None and ctx is not None:
+                stage, timeout = "STARTTLS", t.starttls
                 reply = await self._starttls(tls, ctx, ehlo_domain) or reply
             return reply
         except (OSError, ProtocolError) as exc:
             self.close()
-            raise DeliveryError(f"session with {self._where} failed: {self._explain(exc)}") from exc
+            why = self._why(exc, stage, timeout)
+            raise DeliveryError(f"session with {self._where} {why}") from exc
         except BaseException:
             self.close()
             raise
@@ -225,7 +229,8 @@ class SMTPClient:
     def _why(self, exc: BaseException, stage: str, timeout: float) -> str:
         """Say how the session failed during stage."""
         if isinstance(exc, TimeoutError):
-            return f"timed out after {timeout:g}s waiting for the reply to {stage}"
+            what = stage if stage == "the banner" else f"the reply to {stage}"
+            return f"timed out after {timeout:g}s waiting for {what}"
         if isinstance(exc, ProtocolError):
             return f"protocol error at {stage}: {exc}"
         return f"connection lost during {stage}: {self._explain(exc)}"
