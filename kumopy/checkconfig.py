@@ -155,11 +155,14 @@ def main(
             err.writelines(f"  {issue}\n" for issue in exc.issues)
         return _EXIT_INVALID
     results = _probe(policy, args.probe, err)
-    errors = [(result.probe, e) for result in results for e in result.errors]
+    found = [(result.probe, e) for result in results for e in result.errors]
+    errors = [(probe, e) for probe, e in found if not e.warning]
+    warnings = [(probe, e) for probe, e in found if e.warning]
     if args.json:
         data = policy.describe()
         data["probes"] = [result.to_dict() for result in results]
         data["errors"] = [e.to_dict(probe) for probe, e in errors]
+        data["warnings"] = [e.to_dict(probe) for probe, e in warnings]
         json.dump(data, out, indent=2)
         out.write("\n")
     else:
@@ -168,6 +171,13 @@ def main(
             count = len(errors)
             err.write(f"kumopy check-config: {count} error{'s' if count != 1 else ''}:\n")
             err.writelines(f"  probe {probe.label}: {e.message}\n" for probe, e in errors)
+        if warnings:
+            count = len(warnings)
+            err.write(
+                f"kumopy check-config: {count} warning{'s' if count != 1 else ''} "
+                "(a handler raised for a synthetic probe; name real queues with --probe):\n"
+            )
+            err.writelines(f"  probe {probe.label}: {e.message}\n" for probe, e in warnings)
     return _EXIT_INVALID if errors else _EXIT_OK
 
 

@@ -75,6 +75,8 @@ class ProbeError:
     site: str | None = None
     issue: ConfigIssue | None = None
     """The make_queue_config / make_egress_path issue, when that is what failed."""
+    warning: bool = False
+    """A handler raised for a synthetic probe: its made-up tenant may be unknown on purpose."""
 
     def to_dict(self, probe: Probe) -> dict[str, Any]:
         """Return the --json form, naming the probe."""
@@ -89,6 +91,7 @@ class ProbeError:
             "object": issue.obj if issue else None,
             "field": issue.field if issue else None,
             "problem": issue.problem if issue else None,
+            "warning": self.warning,
         }
 
 
@@ -132,7 +135,7 @@ class ProbeResult:
             "campaign": probe.campaign,
             "synthetic": probe.synthetic,
             "queue": probe.queue,
-            "ok": not self.errors,
+            "ok": not any(not e.warning for e in self.errors),
             "queue_config": queue_config,
             "site": self.site,
             "paths": [
@@ -155,12 +158,14 @@ def _jsonable(value: object) -> object:
 
 
 def _errors(
-    exc: PolicyError, handler: str, source: str | None, site: str | None
+    exc: PolicyError, handler: str, source: str | None, site: str | None, synthetic: bool
 ) -> list[ProbeError]:
     """Return the problems a PolicyError stands for: each issue of a ConfigError, or itself."""
     cause = exc.__cause__
     if not isinstance(cause, ConfigError):
-        return [ProbeError(handler, exc.message, source, site)]
+        # A made-up tenant that the policy does not know must not stop a start (ExecStartPre):
+        # warn; an operator's own --probe makes it an error.
+        return [ProbeError(handler, exc.message, source, site, warning=synthetic)]
     # One line per bad option, as for a policy file, rather than one multi-line message.
     context = f"{handler} for source {source!r} and site {site!r}" if source else handler
     return [ProbeError(handler, f"{context}: {i}", source, site, i) for i in cause.issues]
@@ -172,7 +177,7 @@ def run_probe(policy: Policy, probe: Probe, defaults: EgressPath) -> ProbeResult
     try:
         config = policy.queue_config(probe.domain, probe.tenant, probe.campaign)
     except PolicyError as exc:
-        result.errors.extend(_errors(exc, "get_queue_config", None, None))
+        result.errors.extend(_errors(exc, "get_queue_config", None, None, probe.synthetic))
         return result
     result.config = config
     # As kumopy.coordinator.routes does: an mx_list is its own site; the handler hears the
@@ -187,7 +192,9 @@ def run_probe(policy: Policy, probe: Probe, defaults: EgressPath) -> ProbeResult
         try:
             path = policy.path_config(routing, entry.name, site, defaults)
         except PolicyError as exc:
-            result.errors.extend(_errors(exc, "get_egress_path_config", entry.name, site))
+            result.errors.extend(
+                _errors(exc, "get_egress_path_config", entry.name, site, probe.synthetic)
+            )
             continue
         changed = {
             name: _jsonable(getattr(path, name))
@@ -255,9 +262,12 @@ def format_probes(policy: Policy, results: list[ProbeResult]) -> str:
     lines = ["", head + "; paths show the settings that differ from the built-in defaults):"]
     for result in results:
         title = f"  {result.probe.label} -> queue {result.probe.queue}"
-        if result.errors:
-            count = len(result.errors)
-            lines.append(f"{title}: {count} error{'s' if count != 1 else ''} (listed on stderr)")
+        errors = sum(not e.warning for e in result.errors)
+        warnings = len(result.errors) - errors
+        if errors:
+            lines.append(f"{title}: {errors} error{'s' if errors != 1 else ''} (listed on stderr)")
+        elif warnings:
+            lines.append(f"{title}: the handler raised (a warning, listed on stderr)")
         if result.config is not None:
             if not result.errors:
                 lines.append(title)

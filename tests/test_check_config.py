@@ -86,7 +86,7 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, str(DATA / "chapter" / "pools.py"), "--json")
     assert (status, err) == (0, "")
     data = json.loads(out)
-    assert set(data) == {"sources", "pools", "probes", "errors"}
+    assert set(data) == {"sources", "pools", "probes", "errors", "warnings"}
     assert [s["name"] for s in data["sources"]] == ["unspecified", "ip-1", "ip-2"]
     assert data["sources"][2] == {
         "name": "ip-2",
@@ -293,6 +293,7 @@ def test_a_handler_raising_for_one_tenant_fails_that_probe_only(
         "object": None,
         "field": None,
         "problem": None,
+        "warning": False,
     }
 
 
@@ -345,7 +346,7 @@ def test_probe_results_as_json(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     status, out, err = run(capsys, str(policy), "--json", "--probe", "y.example,acme,spring")
     assert (status, err) == (0, "")
     data = json.loads(out)
-    assert set(data) == {"sources", "pools", "probes", "errors"}
+    assert set(data) == {"sources", "pools", "probes", "errors", "warnings"}
     assert data["errors"] == []
     site = "mx_list:relay.example.net:2525,10.1.1.1"
     assert data["probes"] == [
@@ -480,7 +481,13 @@ def test_python_dash_m_kumopy_check_config(tmp_path: Path) -> None:
     done = cli(str(policy), "--probe", "x.example,acme")
     assert done.returncode == 0, done.stderr
     assert "    pool: vip: ip-1 (weight 1)\n" in done.stdout
+    # The synthetic probes' made-up tenants are unknown to this policy: a warning, so that a
+    # unit's ExecStartPre does not refuse to start; the operator's own probe is an error.
     done = cli(str(policy))
-    assert done.returncode == 2
+    assert done.returncode == 0, done.stderr
+    assert "3 warnings (a handler raised for a synthetic probe" in done.stderr
     assert "probe example.com: get_queue_config (" in done.stderr
     assert "KeyError: None" in done.stderr
+    done = cli(str(policy), "--probe", "x.example,nobody")
+    assert done.returncode == 2
+    assert "1 error:" in done.stderr and "KeyError: 'nobody'" in done.stderr
