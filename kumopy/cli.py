@@ -1,4 +1,4 @@
-"""The kumopy command line: run, check-config, inject, demo, status, sink, worker."""
+"""The kumopy command line: run, check-config, inject, demo, bench, status, logs, sink, worker."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from kumopy.errors import ConfigError, KumoError
 
 if TYPE_CHECKING:
+    from kumopy.config import MxHost
     from kumopy.paths import EgressPath
 
 __all__ = ["main", "parse_size"]
@@ -62,6 +63,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             start_empty=args.start_empty,
             log_dir=args.log_dir,
             log_max_bytes=args.log_max_size,
+            log_compress=args.log_compress,
+            log_publish=args.log_publish,
             fsync=args.fsync,
             min_free_bytes=args.min_free_space,
             dedup_window=args.dedup_window,
@@ -82,6 +85,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             path_defaults=path_defaults(args),
             ready_file=args.ready_file,
             metrics=parse_metrics_address(args.metrics) if args.metrics else None,
+            route_all_to=_route_all_to(args.route_all_to),
+            control=args.control,
         )
         coordinator = Coordinator(policy, options, args.sources)
     except zmq.ZMQError as exc:
@@ -94,6 +99,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"kumopy run: {exc}", file=sys.stderr)
         return 1
     return coordinator.run()
+
+
+def _route_all_to(text: str | None) -> tuple[MxHost, ...] | None:
+    from kumopy.validation import parse_mx_host
+
+    return (parse_mx_host(text, "--route-all-to"),) if text else None
 
 
 def path_defaults(args: argparse.Namespace) -> EgressPath:
@@ -146,6 +157,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of every subcommand."""
     from kumopy.ipc.inject import DEFAULT_ENDPOINT, DEFAULT_MAX_MESSAGE_SIZE
+    from kumopy.logread import DEFAULT_LOG_DIR, add_logs_arguments
 
     p = argparse.ArgumentParser(prog="kumopy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -171,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="if spool.db is empty or unreadable, move it to quarantine and start an empty spool",
     )
-    run.add_argument("--log-dir", default=os.path.join("var", "log"), help="log record directory")
+    run.add_argument("--log-dir", default=DEFAULT_LOG_DIR, help="log record directory")
     run.add_argument(
         "--no-fsync",
         dest="fsync",
@@ -193,6 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=256 * 1024**2,
         help="start a new log segment when the current one passes this size",
+    )
+    run.add_argument(
+        "--log-compress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compress closed log segments with zstd (NAME.jsonl.zst)",
+    )
+    run.add_argument(
+        "--log-publish",
+        metavar="ENDPOINT",
+        help="publish every log record on a ZeroMQ PUB socket, e.g. tcp://127.0.0.1:5560",
     )
     run.add_argument(
         "--suspend-unplumbed",
@@ -277,7 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
+    run.add_argument(
+        "--control",
+        metavar="ENDPOINT",
+        help="control channel for the operator verbs (default: ipc://SPOOL/control.sock, 0600)",
+    )
     run.add_argument("--ready-file", help="write the bound endpoint here once workers are ready")
+    # kumopy bench: every queue goes to its sink, whatever get_queue_config answers.
+    run.add_argument("--route-all-to", metavar="HOST:PORT", help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="INFO")
     run.set_defaults(func=_cmd_run)
 
@@ -296,16 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-level", default="INFO")
     r.set_defaults(func=_cmd_resolver)
 
+    add_logs_arguments(sub.add_parser("logs", help="print log records (plain and .zst), filtered"))
+
     st = sub.add_parser("status", help="print the coordinator's counters as JSON")
     st.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     st.add_argument("--timeout", type=float, default=10.0)
     st.set_defaults(func=_cmd_status)
 
+    from kumopy.benchcli import add_bench_parser
     from kumopy.demo import add_demo_parser
     from kumopy.inject import add_inject_parser
+    from kumopy.opscli import add_ops_parsers
 
+    add_ops_parsers(sub)
     add_inject_parser(sub)
     add_demo_parser(sub)
+    add_bench_parser(sub)
     sub.add_parser(
         "check-config", help="validate a policy and print its sources and pools", add_help=False
     )

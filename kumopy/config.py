@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kumopy.rates import Rate, Warmup
+
 __all__ = [
     "MAX_WEIGHT",
     "RESERVED_SOURCE_OPTIONS",
@@ -25,7 +27,13 @@ __all__ = [
 
 UNSPECIFIED = "unspecified"
 """Name of the built-in source (no bind, host name as EHLO) and of the pool holding only it."""
-SOURCE_OPTIONS = ("source_address", "ehlo_domain", "remote_port")
+SOURCE_OPTIONS = (
+    "source_address",
+    "ehlo_domain",
+    "remote_port",
+    "source_selection_rate",
+    "warmup",
+)
 """Egress source options kumopy implements, besides `name`."""
 RESERVED_SOURCE_OPTIONS = (
     "ha_proxy_server",
@@ -53,6 +61,10 @@ class EgressSource:
     """Name sent with EHLO; None means the host name."""
     remote_port: int | None = None
     """Destination port overriding the mx_list port and 25."""
+    source_selection_rate: Rate | None = None
+    """How often the source may be picked at all, whatever the site (warm-up)."""
+    warmup: Warmup | None = None
+    """Daily pick caps by day since a start date; past the schedule, no cap."""
 
     @property
     def family(self) -> str | None:
@@ -68,6 +80,14 @@ class EgressSource:
             "source_address": self.source_address,
             "ehlo_domain": self.ehlo_domain,
             "remote_port": self.remote_port,
+            "source_selection_rate": (
+                self.source_selection_rate.text if self.source_selection_rate else None
+            ),
+            "warmup": (
+                {"start": w.start, "daily": list(w.daily), "period": w.period}
+                if (w := self.warmup) is not None
+                else None
+            ),
         }
 
 
@@ -121,6 +141,8 @@ class QueueConfig:
     """Seconds after reception when an undelivered message expires."""
     mx_list: tuple[MxHost, ...] | None = None
     """Smart hosts to use instead of an MX lookup; None means look up MX records."""
+    max_message_rate: Rate | None = None
+    """Picks for this scheduled queue at most, whichever sources it uses."""
 
 
 def queue_name(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kumopy.errors import KumoError
+from kumopy.ipc.control import default_control_endpoint
 
 __all__ = [
     "Proc",
@@ -158,6 +159,8 @@ def start_coordinator(
 
     proc.info["endpoint"] = wait_for(ready, timeout, "the coordinator and its workers")
     proc.info["log_dir"] = workdir / "log"
+    control = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--control"), None)
+    proc.info["control"] = control or default_control_endpoint(workdir / "spool")
     return proc
 
 
@@ -191,10 +194,7 @@ class SinkRecords:
 
 
 def read_log_records(log_dir: Path) -> list[dict[str, Any]]:
-    """Read every JSON record the coordinator wrote to `log_dir`."""
-    out: list[dict[str, Any]] = []
-    for path in sorted(Path(log_dir).glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                out.append(json.loads(line))
-    return out
+    """Read every JSON record the coordinator wrote to `log_dir` (plain and zstd segments)."""
+    from kumopy.logread import read_records
+
+    return [rec for rec, _line in read_records(log_dir)]

@@ -7,7 +7,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 __all__ = ["MetricsExporter", "parse_metrics_address"]
@@ -85,14 +90,49 @@ class MetricsExporter(Collector):
             "kumopy_source_dispatched", "Messages at the worker", labels=labels
         )
         credit = GaugeMetricFamily("kumopy_source_credit", "Credit announced", labels=labels)
-        up = GaugeMetricFamily("kumopy_source_up", "1 when the source can send", labels=labels)
+        up = GaugeMetricFamily(
+            "kumopy_source_up",
+            "1 when the source can be picked (worker up, not suspended, not retired)",
+            labels=labels,
+        )
+        transient = CounterMetricFamily(
+            "kumopy_source_transient_failures", "Recipients deferred per source", labels=labels
+        )
+        bounced = CounterMetricFamily(
+            "kumopy_source_bounces", "Recipients bounced per source", labels=labels
+        )
         for name, s in sorted(st.get("sources", {}).items()):
             lv = [name, s.get("source_address") or ""]
             delivered.add_metric(lv, s.get("delivered", 0))
             dispatched.add_metric(lv, s.get("dispatched", 0))
             credit.add_metric(lv, s.get("credit", 0))
-            up.add_metric(lv, 1 if s.get("live") else 0)
-        yield from (delivered, dispatched, credit, up)
+            up.add_metric(lv, 1 if s.get("up", s.get("live")) else 0)
+            transient.add_metric(lv, s.get("transient", 0))
+            bounced.add_metric(lv, s.get("bounced", 0))
+        yield from (delivered, dispatched, credit, up, transient, bounced)
+        yield from _by_path(st.get("paths", []))
+        holds = GaugeMetricFamily(
+            "kumopy_holds", "Suspensions and overrides in force", labels=["kind"]
+        )
+        counts: dict[str, int] = {}
+        for hold in st.get("holds", []):
+            counts[hold["kind"]] = counts.get(hold["kind"], 0) + 1
+        for kind, n in sorted(counts.items()):
+            holds.add_metric([kind], n)
+        yield holds
+        limits = st.get("limits", {})
+        refused = CounterMetricFamily(
+            "kumopy_limit_refused_picks", "Picks a rate or cap turned away", labels=["kind"]
+        )
+        for kind, n in sorted(limits.get("refused_picks", {}).items()):
+            refused.add_metric([kind], n)
+        yield refused
+        if limits.get("mode") == "redis":
+            yield GaugeMetricFamily(
+                "kumopy_redis_connected",
+                "1 while shared limits reach Redis (0: local limits only)",
+                value=1 if limits.get("connected") else 0,
+            )
         picks = CounterMetricFamily(
             "kumopy_pool_picks", "Sources picked per pool", labels=["pool", "source"]
         )
@@ -100,3 +140,30 @@ class MetricsExporter(Collector):
             for name, n in sorted(counts.items()):
                 picks.add_metric([pool, name], n)
         yield picks
+
+
+def _by_path(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Yield KumoMTA's per provider x source counters and the ready count per source x site."""
+    names = (
+        ("delivered", "total_messages_delivered_by_provider_and_source", "delivered"),
+        ("deferred", "total_messages_transfail_by_provider_and_source", "deferred"),
+        ("bounced", "total_messages_fail_by_provider_and_source", "bounced"),
+    )
+    for field, metric, what in names:
+        # Untyped, as KumoMTA exposes them: a Counter family would rename them *_total.
+        family = UnknownMetricFamily(
+            metric, f"Recipients {what} per provider and source", labels=["provider", "source"]
+        )
+        totals: dict[tuple[str, str], int] = {}
+        for row in rows:
+            key = (row.get("provider") or "", row["source"])
+            totals[key] = totals.get(key, 0) + int(row[field])
+        for (provider, source), n in sorted(totals.items()):
+            family.add_metric([provider, source], n)
+        yield family
+    ready = GaugeMetricFamily(
+        "ready_count", "Messages picked for a source, waiting for its worker", labels=["queue"]
+    )
+    for row in rows:
+        ready.add_metric([f"{row['source']}->{row['site']}@smtp_client"], row["ready"])
+    yield ready

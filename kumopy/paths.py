@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kumopy.errors import ConfigError, ConfigIssue, kind_of
+from kumopy.rates import Rate, parse_rate
 from kumopy.smtp.tls import TLS_MODES
 from kumopy.units import duration_seconds
 from kumopy.validation import check_ehlo_domain, suggest
@@ -43,7 +44,12 @@ _TIMEOUTS = (
     "data_dot_timeout",
     "idle_timeout",
 )
-_LATER = ("max_message_rate", "max_connection_rate", "source_selection_rate", "max_burst")
+_RATES = (
+    "max_message_rate",
+    "max_connection_rate",
+    "source_selection_rate",
+    "provider_max_message_rate",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +99,31 @@ class EgressPath:
     """RFC 5321: DATA termination (the reply after the final dot)."""
     idle_timeout: float = 5.0
     """How long an unused connection stays open (KumoMTA's default)."""
+    max_message_rate: Rate | None = None
+    """Messages this source sends to this site at most; past it the pool's others take over."""
+    max_burst: int | None = None
+    """Burst of max_message_rate (its limit when unset)."""
+    max_connection_rate: Rate | None = None
+    """New connections the worker opens to this site at most."""
+    source_selection_rate: Rate | None = None
+    """How often this source is picked for this site (warm-up per site)."""
+    provider_name: str | None = None
+    """The provider this site belongs to (set by a shaping file); provider_* limits span every
+    site of the provider."""
+    provider_max_message_rate: Rate | None = None
+    """Messages this source sends to all sites of the provider at most."""
+    provider_connection_limit: int | None = None
+    """Connections this source keeps to all sites of the provider at most."""
     origin: str = field(default="defaults", compare=False)
     """Where this config came from (`file:line` of make_egress_path), for messages."""
+
+    @property
+    def message_rate(self) -> Rate | None:
+        """Return max_message_rate with max_burst applied."""
+        rate = self.max_message_rate
+        if rate is None or self.max_burst is None:
+            return rate
+        return replace(rate, burst=self.max_burst)
 
     def timeouts(self) -> dict[str, float]:
         """Return the SMTP timeouts by step name (connect, banner, ..., idle)."""
@@ -113,6 +142,11 @@ class EgressPath:
             "remember_broken_tls": self.remember_broken_tls,
             "ip_lookup_strategy": self.ip_lookup_strategy,
             "timeouts": self.timeouts(),
+            "max_connection_rate": (
+                self.max_connection_rate.text if self.max_connection_rate else None
+            ),
+            "provider_name": self.provider_name,
+            "provider_connection_limit": self.provider_connection_limit,
         }
 
 
@@ -172,8 +206,23 @@ def _option(key: str, value: object) -> object:
     """Validate one option; raise _Invalid naming the problem."""
     if key in _TIMEOUTS:
         return _seconds(value)
-    if key in ("connection_limit", "max_deliveries_per_connection", "max_recipients_per_batch"):
+    if key in (
+        "connection_limit",
+        "max_deliveries_per_connection",
+        "max_recipients_per_batch",
+        "max_burst",
+        "provider_connection_limit",
+    ):
+        if value is None and key in ("max_burst", "provider_connection_limit"):
+            return None
         return _positive_int(value)
+    if key in _RATES:
+        if value is None:
+            return None
+        try:
+            return parse_rate(value)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
     if key == "smtp_port":
         port = _positive_int(value)
         if port > 65535:
@@ -189,7 +238,7 @@ def _option(key: str, value: object) -> object:
         return _networks(value)
     if key == "remember_broken_tls":
         return None if value is None else _seconds(value)
-    if key in ("ehlo_domain", "tls_ca_file"):
+    if key in ("ehlo_domain", "tls_ca_file", "provider_name"):
         if value is not None and (not isinstance(value, str) or not value):
             raise _Invalid(f"must be a non-empty string, not {kind_of(value)}")
         if key == "ehlo_domain" and value is not None:
@@ -220,10 +269,8 @@ def make_egress_path(options: Mapping[str, object], where: str) -> PathOptions:
     values: dict[str, Any] = {}
     obj = "egress path"
     for key, value in options.items():
-        if key in _LATER:
-            issues.append(ConfigIssue(where, obj, key, "not supported yet by kumopy; remove it"))
-        elif key not in PATH_OPTIONS:
-            problem = f"unknown option{suggest(str(key), (*PATH_OPTIONS, *_LATER))}"
+        if key not in PATH_OPTIONS:
+            problem = f"unknown option{suggest(str(key), PATH_OPTIONS)}"
             issues.append(ConfigIssue(where, obj, str(key), problem))
         else:
             try:

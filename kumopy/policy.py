@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+from kumopy.bounce_class import make_classifier
 from kumopy.config import (
     UNSPECIFIED,
     EntryDefinition,
@@ -23,6 +24,8 @@ from kumopy.dns import ResolverConfig
 from kumopy.errors import ConfigError, ConfigIssue, PolicyError
 from kumopy.paths import make_egress_path
 from kumopy.policy_calls import Policy, raised_at
+from kumopy.redis_config import throttle_settings
+from kumopy.shaping import Shaping, read_shaping
 from kumopy.sources_file import SourcesMerger, read_sources_file
 from kumopy.units import duration_seconds
 from kumopy.validation import build_config, make_queue_config, suggest
@@ -185,6 +188,55 @@ class KumoNamespace:
             "timeout": seconds,
         }
 
+    def configure_bounce_classifier(
+        self, spec: Mapping[str, Any] | None = None, /, *, files: Any = None, **unknown: Any
+    ) -> None:
+        """Classify bounces by these rules files (relative to the policy) before kumopy's own."""
+        loader = _current("configure_bounce_classifier")
+        where = _caller()
+        options = _options(spec, {"files": files, **unknown})
+        files = options.pop("files", None)
+        problems = [f"unknown option {k!r}{suggest(str(k), ('files',))}" for k in options]
+        if isinstance(files, str | os.PathLike):
+            files = [files]
+        if not isinstance(files, list | tuple) or not all(
+            isinstance(f, str | os.PathLike) for f in files
+        ):
+            problems.append(f'files must be a list like ["bounce_rules.toml"], not {files!r}')
+        elif "bounce_classifier" in loader.settings:
+            problems.append("called twice; list every rules file in one call")
+        if problems:
+            for problem in problems:
+                loader.issues.append(ConfigIssue(where, "configure_bounce_classifier", "", problem))
+            return
+        try:
+            classifier = make_classifier([loader.base / f for f in files])
+        except ConfigError as exc:
+            loader.issues.extend(exc.issues)
+            return
+        loader.settings["bounce_classifier"] = classifier
+
+    def configure_redis_throttles(
+        self,
+        spec: Mapping[str, Any] | None = None,
+        /,
+        *,
+        node: str | None = None,
+        prefix: str | None = None,
+        timeout: float | str | None = None,
+        **unknown: Any,
+    ) -> None:
+        """Share rates, caps and holds with other kumopy hosts through one Redis node."""
+        loader = _current("configure_redis_throttles")
+        where = _caller()
+        given = {"node": node, "prefix": prefix, "timeout": timeout}
+        options = _options(spec, {k: v for k, v in given.items() if v is not None} | unknown)
+        settings, problems = throttle_settings(options)
+        for problem in problems:
+            loader.issues.append(ConfigIssue(where, "configure_redis_throttles", "", problem))
+        if settings is not None:
+            loader.settings["redis_throttles"] = settings
+
     @overload
     def on(self, event: str) -> Callable[[_Handler], _Handler]: ...
 
@@ -239,6 +291,24 @@ class KumoNamespace:
                 flat.append(path)
         for path in flat:
             loader.add_sources_file(loader.base / path)
+
+    def load_shaping(self, *paths: str | os.PathLike[str] | Sequence[str]) -> Shaping:
+        """Load KumoMTA shaping files, relative to the policy's directory, merged in order.
+
+        Without a get_egress_path_config handler in the policy, the Shaping becomes it.
+        """
+        loader = _current("load_shaping")
+        where = _caller()
+        shaping, issues = read_shaping(paths, loader.base, where)
+        loader.issues.extend(issues)
+        known = loader.settings.get("shaping")
+        if known is not None:
+            problem = f"already called at {known.where}; name every file in one call"
+            loader.issues.append(ConfigIssue(where, "load_shaping", "", problem))
+        else:
+            loader.settings["shaping"] = shaping
+            loader.settings["automation_rules"] = shaping.rules_for
+        return shaping
 
     def make_queue_config(
         self,
@@ -344,6 +414,11 @@ def load_policy(
     for extra in sources:
         loader.add_sources_file(Path(extra))
     config = build_config(loader.sources, loader.pools, loader.issues)
+    shaping = loader.settings.get("shaping")
+    if shaping is not None and not loader.handlers["get_egress_path_config"]:
+        loader.handlers["get_egress_path_config"].append(
+            (shaping.get_egress_path_config, shaping.where)
+        )
     handlers = {event: found[0] for event, found in loader.handlers.items() if found}
     handlers.pop("init", None)
     logger.debug(

@@ -112,6 +112,11 @@ class Policy:
         )
         return options.over(defaults)
 
+    def automation_rules(self) -> Callable[[str, str, str | None], Any] | None:
+        """Return the shaping files' rule lookup (site, domain, provider), or None."""
+        rules: Callable[[str, str, str | None], Any] | None = self.settings.get("automation_rules")
+        return rules
+
     def describe(self) -> dict[str, Any]:
         """Return the sources and pools as JSON-ready dicts (for check-config --json)."""
         pools_of: dict[str, list[str]] = {name: [] for name in self.config.sources}

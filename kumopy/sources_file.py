@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 
 from kumopy.config import EntryDefinition, PoolDefinition, SourceDefinition
 from kumopy.errors import ConfigIssue
+from kumopy.toml_lines import key_lines, syntax_error
 
 __all__ = ["SourcesFile", "SourcesMerger", "parse_sources_text", "read_sources_file"]
-
-_DECODE_AT = re.compile(r"\s*\(at line (\d+), column \d+\)$")
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_BASIC_KEY = re.compile(r'"(?:[^"\\\n]|\\.)*"')
-_LITERAL_KEY = re.compile(r"'[^'\n]*'")
 
 
 @dataclass(slots=True)
@@ -32,72 +27,12 @@ class SourcesFile:
     """Problems with the file itself (unreadable, bad TOML, misplaced tables)."""
 
 
-def _split_key(text: str) -> tuple[tuple[str, ...], str] | None:
-    """Parse the dotted TOML key at the start of text; return its parts and the rest."""
-    parts: list[str] = []
-    pos = 0
-    while True:
-        while pos < len(text) and text[pos] in " \t":
-            pos += 1
-        for pattern in (_BASIC_KEY, _LITERAL_KEY, _BARE_KEY):
-            match = pattern.match(text, pos)
-            if match is not None:
-                break
-        else:
-            return None
-        token = match.group(0)
-        if token[0] == '"':
-            # Let tomllib undo the escapes so the key matches the parsed one exactly.
-            token = tomllib.loads(f"k = {token}")["k"]
-        elif token[0] == "'":
-            token = token[1:-1]
-        parts.append(token)
-        pos = match.end()
-        while pos < len(text) and text[pos] in " \t":
-            pos += 1
-        if pos < len(text) and text[pos] == ".":
-            pos += 1
-            continue
-        return tuple(parts), text[pos:]
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map table headers and keys to their first line, as well as a line scan can tell."""
-    lines: dict[tuple[str, ...], int] = {}
-    table: tuple[str, ...] = ()
-    open_string: str | None = None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if open_string is not None:
-            if open_string in line:
-                open_string = None
-            continue
-        stripped = line.strip()
-        if stripped.startswith("["):
-            parsed = _split_key(stripped.lstrip("["))
-            if parsed is not None and parsed[1].lstrip().startswith("]"):
-                table = parsed[0]
-                # A header also defines its parent tables when they have no header of their own.
-                for end in range(1, len(table) + 1):
-                    lines.setdefault(table[:end], number)
-            continue
-        parsed = _split_key(stripped)
-        if parsed is None or not parsed[1].lstrip().startswith("="):
-            continue
-        for end in range(1, len(parsed[0]) + 1):
-            lines.setdefault(table + parsed[0][:end], number)
-        value = parsed[1].lstrip()[1:].lstrip()
-        for quotes in ('"""', "'''"):
-            if value.startswith(quotes) and value.count(quotes) == 1:
-                open_string = quotes
-    return lines
-
-
 class _Locator:
     """Turn a key path into `file:line`, falling back to the nearest enclosing table."""
 
     def __init__(self, path: str, text: str) -> None:
         self.path = path
-        self.lines = _key_lines(text)
+        self.lines = key_lines(text)
 
     def __call__(self, *keys: str) -> str:
         for end in range(len(keys), 0, -1):
@@ -165,10 +100,7 @@ def parse_sources_text(text: str, path: str = "<sources>") -> SourcesFile:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        message = str(exc)
-        match = _DECODE_AT.search(message)
-        line = f"{path}:{match.group(1)}" if match else path
-        problem = f"TOML syntax error: {_DECODE_AT.sub('', message)}"
+        line, problem = syntax_error(exc, path)
         result.issues.append(ConfigIssue(line, "sources file", "", problem))
         return result
     where = _Locator(path, text)

@@ -24,6 +24,7 @@ from kumopy.config import (
 )
 from kumopy.errors import ConfigError, ConfigIssue, kind_of
 from kumopy.hostnames import hostname_problem, parse_address_literal
+from kumopy.rates import parse_rate, parse_warmup
 from kumopy.units import parse_duration
 
 __all__ = [
@@ -164,9 +165,13 @@ def _make_source(definition: SourceDefinition) -> tuple[EgressSource | None, lis
                 values[key] = _source_address(value)
             elif key == "ehlo_domain":
                 values[key] = _ehlo_domain(value)
+            elif key == "source_selection_rate":
+                values[key] = parse_rate(value)
+            elif key == "warmup":
+                values[key] = parse_warmup(value)
             else:
                 values[key] = _port(value)
-        except _Invalid as exc:
+        except (_Invalid, ValueError) as exc:
             issues.append(ConfigIssue(where, obj, key, str(exc)))
     if issues:
         return None, issues
@@ -365,8 +370,15 @@ def check_ehlo_domain(value: object) -> str:
         raise ValueError(str(exc)) from None
 
 
-_QUEUE_OPTIONS = ("egress_pool", "retry_interval", "max_retry_interval", "max_age", "mx_list")
-_RESERVED_QUEUE_OPTIONS = ("max_message_rate", "protocol")
+_QUEUE_OPTIONS = (
+    "egress_pool",
+    "retry_interval",
+    "max_retry_interval",
+    "max_age",
+    "mx_list",
+    "max_message_rate",
+)
+_RESERVED_QUEUE_OPTIONS = ("protocol",)
 
 
 def _queue_option(key: str, value: object) -> object:
@@ -390,8 +402,10 @@ def _queue_option(key: str, value: object) -> object:
             except ConfigError as exc:
                 raise ValueError(f"item {i}: {exc.issues[0].problem}") from None
         return tuple(hosts)
-    if key == "max_retry_interval" and value is None:
+    if key in ("max_retry_interval", "max_message_rate") and value is None:
         return None
+    if key == "max_message_rate":
+        return parse_rate(value)
     try:
         seconds = parse_duration(value)
     except ConfigError as exc:

@@ -93,6 +93,8 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
         "source_address": "2001:db8:3333:4444:5555:6666:7777:8888",
         "ehlo_domain": "mta2.examplecorp.com",
         "remote_port": None,
+        "source_selection_rate": None,
+        "warmup": None,
         "family": "ipv6",
         "pools": ["SharedPool"],
     }

@@ -217,7 +217,25 @@ def test_run_reports_every_config_error_and_exits_2(tmp_path: Path) -> None:
 
 # Every verb of the command line. check-config and sink are parsed by their own modules:
 # main() hands them their arguments before the parser, which lists them for --help only.
-SUBCOMMANDS = {"run", "worker", "resolver", "status", "inject", "demo", "check-config", "sink"}
+SUBCOMMANDS = {
+    "run",
+    "worker",
+    "resolver",
+    "status",
+    "inject",
+    "demo",
+    "bench",
+    "check-config",
+    "sink",
+    "logs",
+    "queues",
+    "suspend",
+    "resume",
+    "bounce",
+    "rebind",
+    "reload",
+    "ping",
+}
 
 
 def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int | str | None, str]:

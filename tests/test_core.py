@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,10 @@ def qc(domain, tenant, campaign, routing_domain):
 class Harness:
     """A Core with a real spool, fed through the real ingress code."""
 
-    def __init__(self, tmp: Path, **settings: Any) -> None:
-        (tmp / "policy.py").write_text(POLICY)
+    def __init__(self, tmp: Path, policy: str = POLICY, **settings: Any) -> None:
+        (tmp / "policy.py").write_text(policy)
         self.spool = SpoolStore(tmp / "spool", fsync=False, min_free_bytes=0)
-        self.sent: dict[int, list[Job]] = {0: [], 1: [], 2: []}
+        self.sent: defaultdict[int, list[Job]] = defaultdict(list)
         self.core = Core(
             load_policy(tmp / "policy.py"),
             self.spool,
@@ -208,7 +208,7 @@ def test_a_job_past_its_lease_goes_to_another_attempt(tmp_path: Path) -> None:
     stale = list(h.sent[h.a]) + list(h.sent[h.b])
     assert len(stale) == 4 and h.core.desk.expire_leases(59.0, 60.0) == 0
     assert h.core.desk.expire_leases(61.0, 60.0) == 4 and h.core.desk.requeued == 4
-    h.sent = {0: [], 1: [], 2: []}
+    h.sent.clear()
     h.pump()
     assert sum(len(v) for v in h.sent.values()) == 4  # sent again, with new job ids
     # A late answer to the expired job is ignored; the new attempt's answer counts.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -315,3 +316,35 @@ def test_a_job_for_a_site_the_worker_was_not_told_about_is_transient() -> None:
     (result,), _ = run_deliverer(lambda cb: Deliverer(source(), cb), [job(1, [("127.0.0.1", 9)])])
     (r,) = result.results
     assert r.status == TRANSIENT and "not told about site" in r.text
+
+
+def test_max_connection_rate_spaces_new_connections() -> None:
+    with running_sink() as sink:
+        hosts = [("127.0.0.1", sink.port)]
+        jobs = [job(i, hosts) for i in range(4)]
+        loop_start = time.monotonic()
+        results, _ = deliver(
+            source(), jobs, max_deliveries_per_connection=1, max_connection_rate="4/s,max_burst=1"
+        )
+        elapsed = time.monotonic() - loop_start
+    assert [r.results[0].status for r in results] == [DELIVERED] * 4
+    assert sink.connections == 4
+    # One connection at once, then one per 0.25 s: the fourth cannot open before 0.75 s.
+    assert elapsed >= 0.7
+
+
+def test_provider_connection_limit_spans_the_providers_sites() -> None:
+    with running_sink(slow_delay=0.05) as sink:
+        hosts = [("127.0.0.1", sink.port)]
+        jobs = [job(i, hosts, f"slow-{i}@x.test", site=f"site{i % 3}") for i in range(9)]
+        results, stats = deliver(
+            source(),
+            jobs,
+            connection_limit=10,
+            max_deliveries_per_connection=1,
+            provider_name="bigmail",
+            provider_connection_limit=2,
+        )
+    assert [r.results[0].status for r in results] == [DELIVERED] * 9
+    assert len(stats["sites"]) == 3 and sink.connections == 9
+    assert sink.peak_connections == 2  # three sites, ten each, but two for the provider

@@ -411,7 +411,7 @@ def test_make_queue_config_reports_every_bad_option(tmp_path: Path) -> None:
             max_retry_interval="10m",
             max_age=0,
             mx_list=[],
-            max_message_rate="10/s",
+            max_message_rate="10 per second",
             egres_pool="x",
         )
         """,
@@ -421,9 +421,10 @@ def test_make_queue_config_reports_every_bad_option(tmp_path: Path) -> None:
         "egress_pool": "must be the name of a pool, not ''",
         "max_age": "must be longer than zero",
         "mx_list": "is empty; leave mx_list out to look up MX records",
-        "max_message_rate": "not supported yet by kumopy; remove it",
+        "max_message_rate": '\'10 per second\' is not a rate such as "100/s", "5000/h", '
+        '"20000/day" or "50/10min,max_burst=5"',
         "egres_pool": "unknown option (did you mean 'egress_pool'?); known options: "
-        "egress_pool, retry_interval, max_retry_interval, max_age, mx_list",
+        "egress_pool, retry_interval, max_retry_interval, max_age, mx_list, max_message_rate",
         "max_retry_interval": "600s is shorter than retry_interval (3600s)",
     }
 
@@ -449,6 +450,8 @@ def test_describe(tmp_path: Path) -> None:
         "source_address": "10.0.0.1",
         "ehlo_domain": "mta1.examplecorp.com",
         "remote_port": None,
+        "source_selection_rate": None,
+        "warmup": None,
         "family": "ipv4",
         "pools": ["CustomerA", "SharedPool"],
     }

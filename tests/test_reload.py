@@ -1,10 +1,11 @@
-"""SIGHUP reloads pools, weights and queue configs live, and refuses a broken policy."""
+"""SIGHUP reloads sources, pools, weights and queue configs live, and refuses a broken policy."""
 
 from __future__ import annotations
 
 import signal
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,12 @@ def _burst(endpoint: str, prefix: str, n: int) -> set[str]:
     return {m.recipients[0] for m in msgs}
 
 
+def _source(endpoint: str, name: str) -> dict[str, Any]:
+    with Client(endpoint) as c:
+        result: dict[str, Any] = c.request("status")["sources"][name]
+    return result
+
+
 def _reloads(endpoint: str) -> dict[str, int]:
     with Client(endpoint) as c:
         result: dict[str, int] = c.request("status")["reloads"]
@@ -73,10 +80,13 @@ def test_sighup_reloads_weights_and_refuses_a_broken_policy(
     path.write_text("from kumopy import kumo\nkumo.define_egress_pool(name=)\n")
     coord.signal(signal.SIGHUP)
     wait_for(lambda: _reloads(ep)["failed"] == 1, 30, "the refused reload")
-    # Changing the sources in use needs a restart: refused too.
+    assert split(_burst(ep, "three-", 8)) == {"127.0.0.6": 6, "127.0.0.7": 2}
+    # A source whose address changes gets a new worker once the old one has drained.
     policy_file(
         path, POLICY.replace("WA", "1").replace("WB", "1").replace("127.0.0.7", "127.0.0.8")
     )
     coord.signal(signal.SIGHUP)
-    wait_for(lambda: _reloads(ep)["failed"] == 2, 30, "the second refused reload")
-    assert split(_burst(ep, "three-", 8)) == {"127.0.0.6": 6, "127.0.0.7": 2}
+    wait_for(lambda: _reloads(ep)["ok"] == 2, 30, "the reload changing b's address")
+    wait_for(lambda: _source(ep, "b")["credit"] > 0, 30, "b's new worker")
+    assert _source(ep, "b")["source_address"] == "127.0.0.8"
+    assert split(_burst(ep, "four-", 8)) == {"127.0.0.6": 4, "127.0.0.8": 4}

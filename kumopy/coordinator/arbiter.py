@@ -44,6 +44,10 @@ class WorkerSlot:
     failed: str | None = None
     """Why this source's worker is no longer restarted (boot failure or restart storm)."""
     term_sent: float | None = None
+    retired: bool = False
+    """A reload took the source out of every pool: its worker drains and is not restarted."""
+    replacement: EgressSource | None = None
+    """A reload changed the source: this definition's worker starts once the old one exits."""
 
 
 class Arbiter:
@@ -121,10 +125,47 @@ class Arbiter:
             slot.proc = None
             self._after_exit(slot, code)
 
+    # -- reloads ------------------------------------------------------------------------------
+    def add(self, source: EgressSource) -> WorkerSlot:
+        """Start a worker for a source a reload added (its index is the next slot's)."""
+        slot = WorkerSlot(len(self.slots), source)
+        self.slots.append(slot)
+        self.spawn(slot)
+        return slot
+
+    def retire(self, index: int) -> None:
+        """Let a source's worker finish and stop for good (told to stop by the caller)."""
+        slot = self.slots[index]
+        slot.retired, slot.replacement = True, None
+
+    def replace(self, index: int, source: EgressSource) -> None:
+        """Run `source` in this slot: now if no worker runs, else once the old one exits."""
+        slot = self.slots[index]
+        slot.retired = False
+        if slot.pid is None:
+            slot.source, slot.failed, slot.replacement = source, None, None
+            slot.restarts.clear()
+            self.spawn(slot)
+        else:
+            slot.replacement = source
+
     def _after_exit(self, slot: WorkerSlot, code: int) -> None:
         name = slot.source.name
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         now = time.monotonic()
+        if slot.retired and not self.stopping:
+            reason = f"worker for retired source {name} stopped ({how})"
+            log.info("%s", reason)
+            self.on_exit(slot, reason)
+            return
+        if slot.replacement is not None and not self.stopping:
+            reason = f"worker for {name} stopped ({how}); starting it with the new definition"
+            log.info("%s", reason)
+            self.on_exit(slot, reason)
+            slot.source, slot.replacement, slot.failed = slot.replacement, None, None
+            slot.restarts.clear()
+            self.spawn(slot)
+            return
         if self.stopping:
             reason = f"worker for {name} stopped ({how})"
             log.info("%s", reason)
@@ -158,6 +199,7 @@ class Arbiter:
             if slot.pid is None:
                 if (
                     not self.stopping
+                    and not slot.retired
                     and slot.failed is None
                     and slot.next_start is not None
                     and now >= slot.next_start
@@ -188,6 +230,10 @@ class Arbiter:
     def alive(self) -> list[WorkerSlot]:
         """Return the slots whose process is running."""
         return [s for s in self.slots if s.pid is not None]
+
+    def terminate(self, index: int, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` to one slot's worker, if it runs."""
+        self._kill(self.slots[index], sig)
 
     def terminate_all(self, sig: int = signal.SIGTERM) -> None:
         """Send `sig` to every running worker."""

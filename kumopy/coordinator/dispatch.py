@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import time
 from collections import deque
@@ -10,11 +12,13 @@ from dataclasses import dataclass, field
 
 from kumopy._fast import SmoothSelector
 from kumopy.config import Config
-from kumopy.coordinator.queues import QueueBook, SchedQueue
-from kumopy.coordinator.routes import Destination, Refusal, Routes
+from kumopy.coordinator.gates import Gate, Gates, hold_reason
+from kumopy.coordinator.holds import Holds
+from kumopy.coordinator.queues import Msg, QueueBook, SchedQueue
+from kumopy.coordinator.routes import Destination, PathRoute, Refusal, Routes
 from kumopy.coordinator.sources import Assignment, Sources
 
-__all__ = ["Dispatcher", "PoolRing", "Problem"]
+__all__ = ["Dispatcher", "OnHold", "PoolRing", "Problem"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ class PoolRing:
 
 Problem = Callable[[SchedQueue, float, Refusal], None]
 """Called to defer (4xx) or bounce (5xx) a queue's ready messages: (queue, now, refusal)."""
+OnHold = Callable[[SchedQueue, list[Msg], str, float], None]
+"""Called when messages start waiting for a limit or a hold: (queue, messages, reason, now)."""
 
 
 class Dispatcher:
@@ -44,6 +50,9 @@ class Dispatcher:
         sources: Sources,
         routes: Routes,
         on_problem: Problem,
+        gates: Gates,
+        holds: Holds,
+        on_hold: OnHold,
         *,
         quantum: int,
     ) -> None:
@@ -51,8 +60,14 @@ class Dispatcher:
         self.sources = sources
         self.routes = routes
         self.on_problem = on_problem
+        self.gates = gates
+        self.holds = holds
+        self.on_hold = on_hold
         self.quantum = quantum
-        self.index = {s.name: i for i, s in enumerate(sources.sources)}
+        self._parked: list[tuple[float, int, SchedQueue]] = []
+        """Queues held back by a limit, by the time it may admit again."""
+        self._seq = 0
+        self.index: dict[str, int] = {}
         self.rings: dict[tuple[str, tuple[int, ...]], PoolRing] = {}
         self.pools: dict[str, dict[int, int]] = {}
         """Pool name -> {source index: weight}, weight-0 entries left out."""
@@ -66,12 +81,15 @@ class Dispatcher:
     # -- pools -------------------------------------------------------------------------------
     def build(self, config: Config) -> None:
         """(Re)build the pools, keeping pick counts and offering the waiting queues again."""
+        self.index = {s.name: i for i, s in enumerate(self.sources.sources)}
         self.pools = {
             pool.name: {self.index[e.name]: e.weight for e in pool.entries}
             for pool in config.pools.values()
         }
         n = len(self.sources.sources)
-        self.picks = {name: self.picks.get(name, [0] * n) for name in self.pools}
+        self.picks = {name: self.picks.get(name, []) for name in self.pools}
+        for counts in self.picks.values():
+            counts.extend([0] * (n - len(counts)))  # sources a reload added
         old, self.rings = self.rings, {}
         for ring in old.values():
             for q in ring.queues:
@@ -79,6 +97,7 @@ class Dispatcher:
                 q.dest = None
                 if q.ready:
                     self.ready(q)
+        self.wake_parked(0.0, everything=True)  # limits and holds may have changed too
 
     def _ring(self, pool: str, eligible: tuple[int, ...]) -> PoolRing:
         ring = self.rings.get((pool, eligible))
@@ -186,16 +205,51 @@ class Dispatcher:
             n = 0
             limit = min(self.quantum, budget - moved)
             src = 0
+            if self.holds.queue_kinds and (hold := self.holds.queue_hold(q, dest.site.name)):
+                self._park(q, hold.until, f"kumopy: held: {hold.describe()}", now)
+                continue
+            qgate = self.gates.queue_gate(q.name, q.config)
+            blocked: list[int] = []
+            wait, why, queue_held = 0.0, "", False
             while q.ready and n < limit:
+                if qgate is not None:
+                    held = self.gates.limiter.rate(qgate[0], qgate[1], now)
+                    if held > 0.0:
+                        wait, why, queue_held = held, hold_reason(qgate[0]), True
+                        break
                 src = sel.pick()
                 if src < 0:
+                    if qgate is not None:
+                        self.gates.limiter.give_back(*qgate)
                     break
-                msg = q.ready.popleft()
-                picks[src] += 1
                 route = self.routes.path(src, dest, q.routing_domain)
+                gates = self.gates.for_route(src, route)
+                if gates or self.holds.paths:
+                    held, key = self._admit(src, route, gates, now)
+                    if held > 0.0:
+                        # Throttled for this site: its share goes to the pool's other sources
+                        # for the rest of this visit.
+                        if qgate is not None:
+                            self.gates.limiter.give_back(*qgate)
+                        self.sources.mask.set(src, False)
+                        blocked.append(src)
+                        if not why or held < wait:
+                            wait, why = held, key
+                        continue
+                msg = q.ready.popleft()
+                if q.held:
+                    q.held -= 1
+                picks[src] += 1
                 self.sources.assign(src, Assignment(msg, q, src, ring.pool, route))
                 n += 1
+            for b in blocked:
+                self.sources.mask.set(b, True)  # picked a moment ago, so it was eligible
             moved += n
+            if queue_held or (src < 0 and blocked and self._all_limited(ring, blocked)):
+                # The queue's own rate, or every source that could take it, is held back:
+                # it leaves the ring until the first limit admits again (no busy waiting).
+                self._park(q, now + wait, why, now)
+                continue
             if src < 0:
                 queues.appendleft(q)  # first in line when a source has room again
                 if not any(self.sources.can_send(s) for s in ring.eligible):
@@ -206,6 +260,51 @@ class Dispatcher:
             else:
                 q.in_ring = False
         return moved
+
+    # -- limits --------------------------------------------------------------------------------
+    def _admit(
+        self, src: int, route: PathRoute, gates: tuple[Gate, ...], now: float
+    ) -> tuple[float, str]:
+        """Pass a path hold (suspension) and the path's gates: (0, "") or (wait, reason)."""
+        if self.holds.paths:
+            name = self.sources.sources[src].name
+            hold = self.holds.path_hold(name, route.site, route.config.provider_name)
+            if hold is not None:
+                return max(hold.until - now, 0.001), f"kumopy: held: {hold.describe()}"
+        if not gates:
+            return 0.0, ""
+        wait, key = self.gates.admit(gates, now)
+        return wait, hold_reason(key) if wait > 0.0 else ""
+
+    def _all_limited(self, ring: PoolRing, blocked: list[int]) -> bool:
+        """Return True when no source of the ring is merely busy: all are held by limits."""
+        return all(s in blocked or not self.sources.can_send(s) for s in ring.eligible)
+
+    def _park(self, q: SchedQueue, until: float, why: str, now: float) -> None:
+        """Take a queue out of its ring until `until`; tell about newly held messages once."""
+        q.in_ring = False
+        self._seq += 1
+        heapq.heappush(self._parked, (until, self._seq, q))
+        if q.held < len(q.ready):
+            fresh = list(itertools.islice(q.ready, q.held, None))
+            q.held = len(q.ready)
+            self.on_hold(q, fresh, why, now)
+
+    def wake_parked(self, now: float, everything: bool = False) -> None:
+        """Offer again the queues whose limits may admit now (all of them: `everything`)."""
+        parked = self._parked
+        while parked and (everything or parked[0][0] <= now):
+            _, _, q = heapq.heappop(parked)
+            if q.ready and not q.in_ring:
+                self.ready(q)
+
+    def parked_count(self) -> int:
+        """Return how many queues wait for a limit."""
+        return len({id(q) for _, _, q in self._parked if q.ready and not q.in_ring})
+
+    def next_wake(self) -> float:
+        """Return when the first parked queue may go again (inf when none is parked)."""
+        return self._parked[0][0] if self._parked else float("inf")
 
     def _defer_ring(self, ring: PoolRing, now: float) -> None:
         """No source of the ring can send at all: defer every waiting message with the reason."""
@@ -218,6 +317,7 @@ class Dispatcher:
 
     def ready_count(self) -> int:
         """Return how many messages are due now and wait for a source."""
-        queues = [q for ring in self.rings.values() for q in ring.queues]
-        waiting = [q for q, _ in self._troubled.values()]
-        return sum(len(q.ready) for q in (*queues, *waiting))
+        queues = {id(q): q for ring in self.rings.values() for q in ring.queues}
+        queues.update((id(q), q) for q, _ in self._troubled.values())
+        queues.update((id(q), q) for _, _, q in self._parked)
+        return sum(len(q.ready) for q in queues.values())

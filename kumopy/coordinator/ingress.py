@@ -26,6 +26,11 @@ __all__ = ["Ingress", "split_by_domain"]
 
 log = logging.getLogger(__name__)
 
+_GIVEN_CHARS = 320
+"""A refused message's sender or recipient is cut to this length in its Rejection record."""
+_GIVEN_RECIPIENTS = 100
+"""A Rejection record names at most this many recipients of the refused message."""
+
 
 def split_by_domain(recipients: list[str]) -> dict[str, list[str]]:
     """Group recipients by domain: each group becomes its own spooled message and queue."""
@@ -83,6 +88,7 @@ class Ingress:
         for frames in requests:
             envelope, body = _split_envelope(frames)
             req: Any = None
+            header: Any = None
             try:
                 if not body:
                     raise ProtocolError("empty request: a header frame is required")
@@ -92,11 +98,13 @@ class Ingress:
             except KumoError as exc:
                 self.rejected += 1
                 reply = error_reply(req, exc)
+                self._log_refused(header, exc, now)
             except Exception as exc:
                 # A bug must not take the coordinator down, nor the other requests with it.
                 log.exception("request refused after an internal error")
                 self.rejected += 1
                 reply = error_reply(req, f"internal error: {type(exc).__name__}: {exc}")
+                self._log_refused(header, KumoError(f"internal error: {exc}"), now)
             if reply is not None:
                 frames.clear()  # a refused body is freed now, not when the batch ends
                 replies.append([*envelope, reply])
@@ -144,6 +152,7 @@ class Ingress:
             if isinstance(item, InjectionError):
                 self.rejected += 1
                 request.results[slot] = {"ok": False, "error": item.to_dict()}
+                self.core.outcomes.rejection(item, *_given(_items_of(header)[slot]), now)
                 continue
             cid = item.client_id
             if cid is not None:
@@ -165,6 +174,16 @@ class Ingress:
             request.new.append((slot, msgs, item))
         batch.requests.append(request)
         return None
+
+    def _log_refused(self, header: Any, error: KumoError, now: float) -> None:
+        """Write the Rejection records of a refused request: one per message it names."""
+        if isinstance(header, dict) and header.get("kind") in (PING, STATUS):
+            return  # not an injection
+        items = _items_of(header)
+        if not items:
+            self.core.outcomes.rejection(error, None, None, now)
+        for item in items:
+            self.core.outcomes.rejection(error, *_given(item), now)
 
     def _refusal(self) -> KumoError | None:
         """Return why no message can be taken now, or None."""
@@ -193,6 +212,9 @@ class Ingress:
                 if error is not None:
                     self.rejected += 1
                     request.results[slot] = {"ok": False, "error": error.to_dict()}
+                    self.core.outcomes.rejection(
+                        error, item.sender, item.recipients, now, len(item.data), item.meta
+                    )
                     continue
                 # Past the commit nothing may fail the message: it is durable, and must be
                 # answered so. A bug here leaves it in the spool for the next start.
@@ -234,6 +256,28 @@ class Ingress:
             queue = self.core.queue_name_for(domain, meta)
             out.append((new_msg_id(), SpooledMeta(item.sender, rcpts, meta, queue, now)))
         return out
+
+
+def _items_of(header: Any) -> list[Any]:
+    """Return the messages an inject request names, as given (parse_inject's reading)."""
+    if not isinstance(header, dict):
+        return []
+    items = header.get("messages")
+    if items is None and "message" in header:
+        items = [header["message"]]
+    return items if isinstance(items, list) else []
+
+
+def _given(item: Any) -> tuple[str | None, list[str] | None]:
+    """Return the sender and recipients a refused message names, where they are strings."""
+    if not isinstance(item, dict):
+        return None, None
+    sender = item.get("sender")
+    rcpts = item.get("recipients")
+    recipients = None
+    if isinstance(rcpts, list) and rcpts:
+        recipients = [r[:_GIVEN_CHARS] for r in rcpts[:_GIVEN_RECIPIENTS] if isinstance(r, str)]
+    return (sender[:_GIVEN_CHARS] if isinstance(sender, str) else None), recipients or None
 
 
 def _split_envelope(frames: list[Any]) -> tuple[list[Any], list[Any]]:

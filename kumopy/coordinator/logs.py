@@ -5,32 +5,73 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import zmq
+import zstandard
 
-__all__ = ["LogWriter", "enhanced_code_dict", "response_dict"]
+from kumopy.logread import PLAIN
+
+__all__ = [
+    "LogWriter",
+    "compress_segment",
+    "enhanced_code_dict",
+    "response_dict",
+    "rfc3339",
+]
 
 log = logging.getLogger(__name__)
 
+_PARTIAL = ".zst.tmp"
+"""Appended to a plain segment's name while it is being compressed."""
 _FLUSH_AT = 256 * 1024
 """Buffered bytes that trigger a write even before the next outcome commit."""
 _REPORT_EVERY = 60.0
 """Seconds between reminders while records cannot be written."""
+_ZSTD_LEVEL = 3
+"""zstd's default level: records shrink 10x or more, at hundreds of MB/s per core."""
+_CLOSE_WAIT = 60.0
+"""Seconds close() waits for the last segments' compression; the next start finishes it."""
+_SECONDS: dict[int, str] = {}
+"""RFC 3339 text of recent whole seconds: records of one second share the formatting."""
+_ENHANCED: dict[str, dict[str, int] | None] = {}
+"""Split enhanced codes by their text: a few distinct codes make most records."""
+
+
+def rfc3339(t: float) -> str:
+    """Format a unix time as RFC 3339 UTC with microseconds ("2026-11-30T17:01:02.123456Z")."""
+    sec, frac = divmod(t, 1.0)
+    whole = int(sec)
+    prefix = _SECONDS.get(whole)
+    if prefix is None:
+        if len(_SECONDS) >= 64:
+            _SECONDS.clear()
+        prefix = _SECONDS[whole] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{prefix}.{min(int(frac * 1_000_000), 999_999):06d}Z"
 
 
 def enhanced_code_dict(enhanced: str | None) -> dict[str, int] | None:
-    """Split "4.2.1" into KumoMTA's {class, subject, detail} form."""
+    """Split "4.2.1" into KumoMTA's {class, subject, detail} form (shared: do not modify)."""
     if not enhanced:
         return None
+    if enhanced in _ENHANCED:
+        return _ENHANCED[enhanced]
     try:
         cls, subject, detail = (int(p) for p in enhanced.split("."))
     except ValueError:
-        return None
-    return {"class": cls, "subject": subject, "detail": detail}
+        split = None
+    else:
+        split = {"class": cls, "subject": subject, "detail": detail}
+    if len(_ENHANCED) >= 1024:  # peers choose the codes: keep the cache bounded
+        _ENHANCED.clear()
+    _ENHANCED[enhanced] = split
+    return split
 
 
 def response_dict(
@@ -45,12 +86,119 @@ def response_dict(
     }
 
 
+def compress_segment(path: Path) -> Path | None:
+    """Compress a closed segment to NAME.jsonl.zst (via .tmp, fsync, rename), then unlink it.
+
+    Return the compressed file, or None when it could not be made (the plain one stays).
+    """
+    target = path.with_name(path.name + ".zst")
+    tmp = path.with_name(path.name + _PARTIAL)
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            size = os.fstat(src.fileno()).st_size
+            compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True)
+            compressor.copy_stream(src, dst, size=size, read_size=1 << 20, write_size=1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, target)
+        # The rename must be durable before the only other copy goes.
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        path.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, FileNotFoundError) and not path.exists():
+            return None  # removed meanwhile (by an operator or log rotation): nothing to keep
+        log.warning("cannot compress log segment %s, leaving it plain: %s", path, exc)
+        return None
+    return target
+
+
+def _closed_segments(directory: Path, current: Path | None) -> list[Path]:
+    """Return plain segments no live process writes (a crash left them), removing stale .tmp."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    me = os.getpid()
+    found = []
+    for name in names:
+        if not name.endswith((PLAIN, PLAIN + _PARTIAL)):
+            continue
+        path = directory / name
+        if path == current or _writer_alive(name, me):
+            continue
+        if name.endswith(_PARTIAL):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        elif (directory / (name + ".zst")).exists():
+            # Compressed and renamed, then the process died before unlinking the plain file.
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:
+            found.append(path)
+    return found
+
+
+def _writer_alive(name: str, me: int) -> bool:
+    """Return True when the segment's name gives the pid of another process that runs."""
+    parts = name.split("-")
+    if len(parts) < 4 or not parts[2].isdigit():
+        return False
+    pid = int(parts[2])
+    if pid == me:
+        return False  # this process's own segments are closed unless current (pid reuse)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, as another user
+    return True
+
+
+class _Compressor:
+    """Compress closed segments one after another in a thread, off the coordinator's loop."""
+
+    def __init__(self) -> None:
+        self._todo: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, path: Path) -> None:
+        """Queue a closed segment for compression (never blocks)."""
+        if self._thread is None or not self._thread.is_alive():
+            # zstd and file I/O release the GIL: the loop keeps running meanwhile.
+            self._thread = threading.Thread(target=self._run, name="kumopy-log-zstd", daemon=True)
+            self._thread.start()
+        self._todo.put(path)
+
+    def _run(self) -> None:
+        while (path := self._todo.get()) is not None:
+            try:
+                compress_segment(path)
+            except Exception:
+                log.exception("compressing log segment %s failed", path)
+
+    def close(self, timeout: float) -> bool:
+        """Finish the queued segments within timeout; return False if some are left."""
+        if self._thread is None:
+            return True
+        self._todo.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
 class LogWriter:
     """Append records to JSON-lines segments; a segment ends when it passes `max_bytes`.
 
     Records wait in memory until flush(). A write that fails (a full or vanished file system)
     never raises: the records stay buffered, `failing` says why, and the next flush() or
     check() tries again, so the caller can record outcomes in the spool regardless.
+    With `compress`, closed segments are compressed with zstd in a thread.
     """
 
     def __init__(
@@ -58,12 +206,18 @@ class LogWriter:
         directory: str | os.PathLike[str] | None,
         nodeid: str | None = None,
         max_bytes: int = 256 * 1024 * 1024,
+        compress: bool = False,
     ) -> None:
         self.nodeid = nodeid or socket.gethostname()
         self.directory = Path(directory) if directory is not None else None
         self.max_bytes = max_bytes
         self.path: Path | None = None
         self.counts: dict[str, int] = {}
+        self.publisher: zmq.Socket[bytes] | None = None
+        """A PUB socket that gets every record as [type, JSON] when it is written (optional)."""
+        self.publish_errors = 0
+        self._topics: dict[str, bytes] = {}
+        self._compressor = _Compressor() if compress and directory is not None else None
         self.failing: str | None = None
         """Why records cannot be written right now; None while all is well."""
         self.failing_since: float | None = None
@@ -77,24 +231,47 @@ class LogWriter:
         self._reported = 0.0
         if self.directory is not None:
             self._open()
+            if self._compressor is not None:
+                for path in _closed_segments(self.directory, self.path):
+                    self._compressor.submit(path)
 
     # -- writing -----------------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
         """Buffer one record; it reaches the file with the next flush()."""
         kind = record["type"]
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        if self.directory is None:
+        if self.directory is None and self.publisher is None:
             return
         record.setdefault("nodeid", self.nodeid)
         # orjson: about ten times faster than json.dumps, which showed in profiles.
-        self._buf += orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+        if self.publisher is not None:
+            self._publish(kind, line)
+        if self.directory is None:
+            return
+        self._buf += line
         if self._written + len(self._buf) >= self.max_bytes:
             # Rotate on a record boundary: what is buffered goes to this segment first.
             if self.flush() and self._fd >= 0:
                 self._close_fd()
+                if self._compressor is not None and self.path is not None:
+                    self._compressor.submit(self.path)
                 self._open()
         elif len(self._buf) >= _FLUSH_AT and self.failing is None:
             self.flush()
+
+    def _publish(self, kind: str, line: bytes) -> None:
+        """Send [type, JSON] on the PUB socket; never blocks: past its SNDHWM, PUB drops."""
+        topic = self._topics.get(kind)
+        if topic is None:
+            topic = self._topics[kind] = kind.encode()
+        assert self.publisher is not None
+        try:
+            self.publisher.send_multipart((topic, line[:-1]), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.publish_errors += 1
+            if self.publish_errors == 1 or self.publish_errors % 100_000 == 0:
+                log.warning("cannot publish log records (%d so far): %s", self.publish_errors, exc)
 
     def flush(self) -> bool:
         """Write buffered records to the file; return False (keeping them) when that fails."""
@@ -182,9 +359,19 @@ class LogWriter:
             log.warning("wrote %d log records kept from the last run", data.count(b"\n"))
 
     def close(self) -> None:
-        """Flush and close the file (records that cannot be written stay for keep_unwritten)."""
+        """Flush and close the file (records that cannot be written stay for keep_unwritten).
+
+        The last segment is compressed before this returns, within a bounded wait.
+        """
         self.flush()
+        was_open = self._fd >= 0
         self._close_fd()
+        if self._compressor is None:
+            return
+        if was_open and self.path is not None and not self._buf:
+            self._compressor.submit(self.path)
+        if not self._compressor.close(_CLOSE_WAIT):
+            log.warning("log segments are still being compressed; the next start finishes it")
 
     # -- files -------------------------------------------------------------------------------
     def _open(self) -> bool:
@@ -192,7 +379,7 @@ class LogWriter:
         assert self.directory is not None
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         self._segment += 1
-        self.path = self.directory / f"{stamp}-{os.getpid()}-{self._segment:04d}.jsonl"
+        self.path = self.directory / f"{stamp}-{os.getpid()}-{self._segment:04d}{PLAIN}"
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC

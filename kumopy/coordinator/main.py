@@ -17,14 +17,19 @@ import zmq
 from kumopy import sdnotify
 from kumopy._fast import IMPLEMENTATION
 from kumopy.coordinator.arbiter import Arbiter, WorkerSlot
+from kumopy.coordinator.control import ControlServer
 from kumopy.coordinator.core import Core
 from kumopy.coordinator.ingress import Ingress
 from kumopy.coordinator.logs import LogWriter
+from kumopy.coordinator.operations import Operations
 from kumopy.coordinator.options import RunOptions, check_listen_endpoint
+from kumopy.coordinator.reconfig import SourceChanges
+from kumopy.coordinator.redis_limits import make_limiter
 from kumopy.coordinator.resolving import start_resolver
 from kumopy.coordinator.spool import SpoolStore
 from kumopy.coordinator.worklink import WorkLink
 from kumopy.errors import ConfigError, PolicyError
+from kumopy.ipc.control import default_control_endpoint
 from kumopy.ipc.framing import MAX_HEADER_BYTES
 from kumopy.ipc.jobs import Job, SiteSpec
 from kumopy.metrics import MetricsExporter
@@ -64,7 +69,9 @@ class Coordinator:
             min_free_bytes=options.min_free_bytes,
             start_empty=options.start_empty,
         )
-        self.logs = LogWriter(options.log_dir, max_bytes=options.log_max_bytes)
+        self.logs = LogWriter(
+            options.log_dir, max_bytes=options.log_max_bytes, compress=options.log_compress
+        )
         self.logs.restore_unwritten(Path(options.spool_dir) / _UNLOGGED)
         self.resolver = start_resolver(policy, options.log_level)
         # The worker link needs the core; the core sends through the link: bind late.
@@ -77,7 +84,9 @@ class Coordinator:
             send_site=self._send_site,
             path_defaults=options.path_defaults,
             resolver=self.resolver,
+            limiter=make_limiter(policy.settings),
         )
+        self.core.book.route_all_to = options.route_all_to
         self.ingress_handler = Ingress(self.core, options.limits, self.status)
         self.ctx = zmq.Context()
         self.run_dir = tempfile.mkdtemp(prefix="kumopy-")
@@ -94,6 +103,12 @@ class Coordinator:
         )
         self.ingress.bind(options.listen)
         self.endpoint = self.ingress.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.log_pub = self._log_publisher(options.log_publish)
+        control = options.control or default_control_endpoint(options.spool_dir)
+        check_listen_endpoint(control, allow_remote=False, flag="--control")
+        self.control = ControlServer(
+            self._socket(zmq.ROUTER), control, Operations(self.core), self.status, self.reload
+        )
         self.arbiter = Arbiter(
             self.core.sources,
             worker_endpoint,
@@ -113,6 +128,20 @@ class Coordinator:
         self.metrics: MetricsExporter | None = None
         if options.metrics is not None:
             self.metrics = MetricsExporter(*options.metrics)
+
+    def _log_publisher(self, endpoint: str | None) -> zmq.Socket[bytes] | None:
+        """Bind the PUB socket of --log-publish and hand it to the log writer."""
+        if endpoint is None:
+            return None
+        pub = self._socket(zmq.PUB)  # SNDHWM 100,000: past it PUB drops, never blocks
+        pub.setsockopt(zmq.LINGER, 1000)  # the last records at a stop, if a subscriber is there
+        try:
+            pub.bind(endpoint)
+        except zmq.ZMQError as exc:
+            pub.close(0)
+            raise ConfigError(f"--log-publish {endpoint!r}: {exc}") from None
+        self.logs.publisher = pub
+        return pub
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(kind)
@@ -147,19 +176,40 @@ class Coordinator:
             elif sig == signal.SIGHUP:
                 self.reload()
 
-    def reload(self) -> bool:
-        """Reload the policy (SIGHUP); keep the running one if the new one has any error."""
+    def reload(self) -> list[str]:
+        """Reload the policy (SIGHUP, `kumopy reload`); keep the running one on any error.
+
+        Return the errors (empty when the new policy runs now).
+        """
         try:
             policy = load_policy(self.policy.path, self.sources_files)
-            self.core.reload(policy, self.options.path_defaults)
+            changes = self.core.reload(policy, self.options.path_defaults)
         except (ConfigError, PolicyError) as exc:
             log.error("reload refused, keeping the running policy: %s", exc)
             self.reloads["failed"] += 1
-            return False
+            if isinstance(exc, ConfigError):
+                return [str(issue) for issue in exc.issues]
+            return [exc.message]
         self.policy = policy
         self.reloads["ok"] += 1
-        log.info("policy reloaded from %s", policy.path)
-        return True
+        self._apply_source_changes(changes)
+        log.info("policy reloaded from %s (%s)", policy.path, changes.describe(self.core.sources))
+        return []
+
+    def _apply_source_changes(self, changes: SourceChanges) -> None:
+        """Start, stop and replace workers as a reload changed the sources in use."""
+        arbiter, link = self.arbiter, self.link
+        for i in changes.added:
+            arbiter.add(self.core.sources[i])
+        for i in changes.retired:
+            arbiter.retire(i)
+            link.stop(i, self.options.drain_timeout)
+        for i in changes.changed:
+            arbiter.replace(i, self.core.sources[i])
+            link.stop(i, self.options.drain_timeout)
+        for i in changes.revived:
+            if i not in changes.changed:
+                arbiter.replace(i, self.core.sources[i])
 
     # -- the loop ----------------------------------------------------------------------------
     def recover(self) -> int:
@@ -192,8 +242,11 @@ class Coordinator:
         poller.register(self.ingress, zmq.POLLIN)
         poller.register(self.workers, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        poller.register(self.control.sock, zmq.POLLIN)
         if self.resolver is not None:  # DNS answers wake the loop; core.step collects them
             poller.register(self.resolver.fileno(), zmq.POLLIN)
+        if (limits_fd := self.core.limiter.fileno()) is not None:  # shared limits' answers
+            poller.register(limits_fd, zmq.POLLIN)
         last_tick = last_watchdog = last_prune = 0.0
         stop_deadline = 0.0
         busy = False
@@ -202,6 +255,8 @@ class Coordinator:
             events = dict(poller.poll(0 if busy else self._poll_timeout(now)))
             if self._wake_r.fileno() in events or self._signals:
                 self._dispatch_signals()
+            if self.control.sock in events:  # first: operators are answered during floods
+                self.control.read()
             if self.workers in events:
                 self.link.read()
             if self.ingress in events:
@@ -223,7 +278,9 @@ class Coordinator:
                     sdnotify.notify("WATCHDOG=1")
                     if self.metrics is not None:
                         # No queue list: a metrics scrape must not cost O(queues).
-                        self.metrics.update(self.status({"queues_limit": 0}))
+                        snapshot = self.status({"queues_limit": 0})
+                        snapshot["paths"] = self.core.path_counts()
+                        self.metrics.update(snapshot)
             if self.stopping:
                 if not stop_deadline:
                     stop_deadline = mono + self.options.drain_timeout
@@ -236,7 +293,7 @@ class Coordinator:
                     return
 
     def _poll_timeout(self, now: float) -> int:
-        nxt = self.core.book.due.next_due()
+        nxt = min(self.core.book.due.next_due(), self.core.dispatcher.next_wake())
         wait = min(0.2, max(0.0, nxt - now))
         if self.core.outcomes.pending():
             wait = min(wait, self.core.settings.outcome_delay)
@@ -281,7 +338,7 @@ class Coordinator:
     def _maybe_announce_ready(self) -> None:
         if self._ready_announced:
             return
-        expected = {s.index for s in self.arbiter.slots if s.failed is None}
+        expected = {s.index for s in self.arbiter.slots if s.failed is None and not s.retired}
         if not expected <= self._ready_seen:
             return
         self._ready_announced = True
@@ -335,12 +392,17 @@ class Coordinator:
         if self.resolver is not None:
             self.resolver.close()
         self.logs.close()
+        if self.log_pub is not None:
+            self.logs.publisher = None
+            self.log_pub.close()
         self.logs.keep_unwritten(Path(self.options.spool_dir) / _UNLOGGED)
         self.spool.close()
         if self.metrics is not None:
             self.metrics.close()
+        self.core.limiter.close()
         self.ingress.close(0)
         self.workers.close(0)
+        self.control.sock.close(0)
         self.ctx.term()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         if self.options.ready_file:

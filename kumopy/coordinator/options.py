@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from kumopy.config import MxHost
 from kumopy.coordinator.core import CoreSettings
 from kumopy.errors import ConfigError
 from kumopy.ipc.inject import DEFAULT_ENDPOINT, Limits
@@ -24,6 +25,10 @@ class RunOptions:
     """Move an empty or unreadable spool.db to quarantine and start with an empty spool."""
     log_dir: str | None = "var/log"
     log_max_bytes: int = 256 * 1024 * 1024
+    log_compress: bool = True
+    """Compress closed log segments with zstd (NAME.jsonl.zst), off the main loop."""
+    log_publish: str | None = None
+    """Publish every log record on a ZeroMQ PUB socket bound here: [type, JSON] frames."""
     fsync: bool = True
     min_free_bytes: int = 64 * 1024 * 1024
     dedup_window: float = 86400.0
@@ -44,21 +49,27 @@ class RunOptions:
     """Serve Prometheus metrics on this (host, port)."""
     path_defaults: EgressPath = field(default_factory=EgressPath)
     """Egress path config under the policy's get_egress_path_config (from the run flags)."""
+    control: str | None = None
+    """The control endpoint (ipc:// or loopback tcp); None: ipc://SPOOL/control.sock."""
+    route_all_to: tuple[MxHost, ...] | None = None
+    """Send every queue to these smart hosts, whatever the policy says (kumopy bench's sink)."""
 
 
-def check_listen_endpoint(endpoint: str, allow_remote: bool) -> None:
+def check_listen_endpoint(endpoint: str, allow_remote: bool, flag: str = "--listen") -> None:
     """Refuse a non-loopback tcp endpoint unless the operator allowed it explicitly."""
     if not endpoint.startswith("tcp://"):
         if endpoint.startswith(("ipc://", "inproc://")):
             return
-        raise ConfigError(f"--listen {endpoint!r}: use tcp://HOST:PORT or ipc://PATH")
+        raise ConfigError(f"{flag} {endpoint!r}: use tcp://HOST:PORT or ipc://PATH")
     host = urlsplit(endpoint).hostname or ""
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
+    if not loopback and flag != "--listen":
+        raise ConfigError(f"{flag} {endpoint!r}: the control channel listens on loopback only")
     if not loopback and not allow_remote:
         raise ConfigError(
-            f"--listen {endpoint!r} is not a loopback address; injection has no authentication "
+            f"{flag} {endpoint!r} is not a loopback address; injection has no authentication "
             "yet, so pass --allow-remote-ingress to listen there anyway"
         )

@@ -8,11 +8,11 @@ import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kumopy._fast import DueQueue
-from kumopy.config import QueueConfig, queue_name
+from kumopy.config import MxHost, QueueConfig, queue_name
 from kumopy.coordinator.spool import SpooledMeta
 from kumopy.errors import PolicyError
 from kumopy.policy import Policy
@@ -68,6 +68,12 @@ class SchedQueue:
     """Messages of this queue not finished yet: ready, delayed or with a source."""
     in_ring: bool = False
     """True while the queue waits for its turn in its pool's ring (dispatch)."""
+    held: int = 0
+    """Ready messages at the front already told they wait for a limit (one Delayed each)."""
+    tally: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """Recipients delivered, deferred and bounced since start (kumopy queues)."""
+    pool_override: str | None = None
+    """The pool an operator's rebind moved this queue's messages to (instead of the policy's)."""
 
     @property
     def pool(self) -> str | None:
@@ -103,6 +109,8 @@ class QueueBook:
         self._handles = 0
         # Queues without messages, oldest first, so that idle ones are dropped in O(dropped).
         self._empty: OrderedDict[str, float] = OrderedDict()
+        self.route_all_to: tuple[MxHost, ...] | None = None
+        """`kumopy run --route-all-to` (kumopy bench): every queue's mx_list, whatever it says."""
 
     # -- queues ------------------------------------------------------------------------------
     def queue_for(
@@ -111,12 +119,19 @@ class QueueBook:
         tenant: str | None,
         campaign: str | None,
         routing_domain: str | None = None,
+        pool: str | None = None,
     ) -> SchedQueue:
-        """Return (creating and configuring on first use) the scheduled queue for a message."""
+        """Return (creating and configuring on first use) the scheduled queue for a message.
+
+        `pool` (an operator's rebind) overrides the pool the policy names for it.
+        """
         name = queue_name(domain, tenant, campaign, routing_domain)
+        if pool:
+            name = f"{name}#{pool}"
         q = self.queues.get(name)
         if q is None:
             q = self.queues[name] = SchedQueue(name, (domain, tenant, campaign, routing_domain))
+            q.pool_override = pool
             self.configure(q)
             # Empty from birth: forgotten when idle even if no message ever joins (a refused
             # batch names queues before its commit fails).
@@ -128,6 +143,15 @@ class QueueBook:
         q.dest = None  # the config may name other smart hosts: route it again
         try:
             q.config, q.error = self.policy.queue_config(*q.key), None
+            if self.route_all_to:
+                q.config = replace(q.config, mx_list=self.route_all_to)
+            if q.pool_override:
+                if q.pool_override not in self.policy.config.pools:
+                    raise PolicyError(
+                        f"queue {q.name!r} was rebound to unknown pool {q.pool_override!r}",
+                        q.config,
+                    )
+                q.config = replace(q.config, egress_pool=q.pool_override)
         except PolicyError as exc:
             if q.error != exc.message:
                 log.error("queue %s: %s", q.name, exc.message)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from kumopy.config import EgressSource, QueueConfig
+from kumopy.coordinator.holds import Holds
 from kumopy.coordinator.queues import SchedQueue
 from kumopy.dns import Resolution
 from kumopy.dns_process import Lookup, ResolverProcess
@@ -73,6 +74,8 @@ class PathRoute:
 
     key: str
     """The worker's site: the site's name, marked when MTA-STS narrowed its hosts."""
+    site: str
+    """The site's name (its MX host set, or mx_list:...): what per-site limits are kept by."""
     hosts: list[tuple[str, str | None, int, int]]
     """(host name, address or None, port, preference) in order, of the source's family."""
     config: EgressPath
@@ -118,6 +121,10 @@ class Routes:
         self._paths: dict[tuple[int, str], EgressPath] = {}
         self._routes: dict[tuple[int, str, str], PathRoute] = {}
         self.lookups = 0
+        self._rollup: set[str] = set()
+        self._adopt_shaping(policy)
+        self.holds: Holds | None = None
+        """Config overrides (automation's SetConfig) applied over the policy's paths."""
 
     # -- destinations ------------------------------------------------------------------------
     def destination(self, q: SchedQueue, now: float) -> Destination | None:
@@ -179,6 +186,9 @@ class Routes:
                 dest.site = site
                 # New hosts: the paths built on the old answer go, and are built again.
                 self._routes = {k: v for k, v in self._routes.items() if k[1] != site.name}
+                if lookup.domain in self._rollup:
+                    # A shaping block rolled up by this domain's MX now reaches its site.
+                    self.refresh()
             dest.refusal = None
         woken, dest.waiting = dest.waiting, []
         return woken
@@ -210,8 +220,41 @@ class Routes:
             except PolicyError as exc:
                 log.error("%s; using the defaults for %s -> %s", exc.message, name, site)
                 config = self.defaults
+            if self.holds is not None and self.holds.holds:
+                changed = self.holds.overrides(name, site, config.provider_name)
+                if changed:
+                    config = replace(config, origin=f"{config.origin} + held overrides", **changed)
             self._paths[(src, site)] = config
         return config
+
+    def _adopt_shaping(self, policy: Policy) -> None:
+        """Give a shaping file our DNS answers (site_of), and look its rolled-up domains up."""
+        shaping = policy.settings.get("shaping")
+        self._rollup = set()
+        if shaping is None:
+            return
+        shaping.site_of = self.site_of
+        self._rollup = set(shaping.rollup_domains())
+        if self.thread is None:
+            return
+        for domain in self._rollup:
+            dest = self.destinations.get(domain)
+            if dest is None:
+                dest = self.destinations[domain] = Destination(domain)
+            if not dest.pending and dest.expires <= time.monotonic():
+                dest.pending = True
+                self.lookups += 1
+                self.thread.submit(domain, sts=True)  # as a queue would: it may use this answer
+
+    def site_of(self, domain: str) -> str | None:
+        """Return the site a domain resolved to, if known (a shaping file's rollup)."""
+        dest = self.destinations.get(domain)
+        return dest.site.name if dest is not None and dest.site is not None else None
+
+    def refresh(self) -> None:
+        """Forget every path config and route (holds changed): each is built again on use."""
+        self._paths.clear()
+        self._routes.clear()
 
     def _build(
         self, src: int, dest: Destination, site: Site, sts: StsPolicy | None, routing: str
@@ -242,7 +285,8 @@ class Routes:
                             f"kumopy: {name} resolves to {address}, which prohibited_hosts "
                             f"forbids (bad DNS for {dest.domain}?)"
                         )
-                        return PathRoute(site.name, [], config, Refusal(550, "5.4.4", text))
+                        refused = Refusal(550, "5.4.4", text)
+                        return PathRoute(site.name, site.name, [], config, refused)
                     if any(ip in net for net in config.skip_hosts):
                         dropped.append(f"{where} (skip_hosts)")
                         continue
@@ -268,7 +312,7 @@ class Routes:
             # Its own worker site: the report must not land on records of a domain of the same
             # MX hosts that has no policy (a site's description is shared by its jobs).
             key = f"{site.name}|mta-sts-testing:{','.join(testing)}"
-        return PathRoute(key, hosts, config, refusal, testing)
+        return PathRoute(key, site.name, hosts, config, refusal, testing)
 
     def reload(self, policy: Policy, defaults: EgressPath) -> None:
         """Adopt a new policy: every path config is asked again."""
@@ -276,6 +320,7 @@ class Routes:
         self.defaults = defaults
         self._paths.clear()
         self._routes.clear()
+        self._adopt_shaping(policy)
 
     def forget_expired(self, now: float) -> None:
         """Drop destinations no queue waits for once they expire (bounded memory)."""

@@ -13,16 +13,20 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kumopy._fast import Ledger, SourceMask
 from kumopy.config import EgressSource
 from kumopy.coordinator.queues import Msg, QueueBook, SchedQueue
 from kumopy.coordinator.routes import PathRoute
 from kumopy.coordinator.spool import SpoolStore
-from kumopy.errors import SpoolError
+from kumopy.errors import PolicyError, SpoolError
 from kumopy.ipc.jobs import Job, SiteSpec
 
-__all__ = ["Assignment", "Sources"]
+__all__ = ["MIN_CAPACITY", "Assignment", "Sources"]
+
+MIN_CAPACITY = 1024
+"""Source indexes a run holds at least (sources added by reloads included)."""
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,10 @@ class Sources:
         self.send_site = send_site
         self.max_ready = max_ready
         n = len(sources)
-        self.mask = SourceMask(n)
+        # Room for the sources a reload may add: the mask and the ledger cannot grow in place,
+        # and an index past len(sources) is never eligible (no credit).
+        self.capacity = max(MIN_CAPACITY, 2 * n)
+        self.mask = SourceMask(self.capacity)
         self.ledger = Ledger(self.mask)
         self.backlog: list[deque[Assignment]] = [deque() for _ in range(n)]
         self.dispatched: dict[int, Assignment] = {}
@@ -69,6 +76,14 @@ class Sources:
         """Sources whose worker failed for good (boot failure, restart storm), with why."""
         self.suspended: dict[int, tuple[float, str]] = {}
         """Source -> (until, reason); the Ledger's suspended flag follows this."""
+        self.tally: dict[tuple[int, str], list[int]] = {}
+        """(source, site) -> recipients delivered, deferred, bounced since start."""
+        self.providers: dict[tuple[int, str], str | None] = {}
+        """(source, site) -> the site's provider (shaping), for metrics by provider."""
+        self.worker_stats: dict[int, dict[str, Any]] = {}
+        """Each worker's last heartbeat statistics (connections per site)."""
+        self.held: set[int] = set()
+        """Sources suspended by a hold (an operator or automation), not by a failed bind."""
         self.delivered = [0] * n
         self.requeued = 0
         """Jobs handed back from a dead worker or an expired lease (at-least-once)."""
@@ -158,6 +173,30 @@ class Sources:
         """Return an assignment's message to the front of its queue, to pick a source again."""
         self.book.make_ready(item.queue, item.msg, front=True)
 
+    # -- reloads ------------------------------------------------------------------------------
+    def add_source(self) -> int:
+        """Make room for the source just appended to `sources` (a reload); return its index."""
+        src = len(self.backlog)
+        if src >= self.capacity:
+            raise PolicyError(
+                f"the reload adds source {self.sources[src].name!r} past {self.capacity} sources "
+                "this run can hold; restart kumopy to go further"
+            )
+        self.backlog.append(deque())
+        self.by_source.append(set())
+        self.delivered.append(0)
+        self._sites.append({})
+        return src
+
+    def drain(self, src: int) -> None:
+        """Pick nothing more for a source whose worker is leaving (a reload retired or
+        changed it); what waits in its backlog picks another source."""
+        self.ledger.set_credit(src, 0)
+        backlog = self.backlog[src]
+        while backlog:
+            self.ledger.release(src)
+            self._give_back(backlog.pop())
+
     # -- workers -----------------------------------------------------------------------------
     def worker_ready(self, src: int, credit: int) -> None:
         """A worker (re)connected and can take `credit` jobs; it knows no site yet."""
@@ -194,10 +233,12 @@ class Sources:
             )
         return n
 
-    def suspend(self, src: int, until: float, reason: str) -> None:
+    def suspend(self, src: int, until: float, reason: str, by_hold: bool = False) -> None:
         """Take a source out of selection until `until`; its backlog picks another source."""
-        if src not in self.suspended:
+        if src not in self.suspended and not by_hold:
             log.error("suspending source %s: %s", self.sources[src].name, reason)
+        if by_hold:
+            self.held.add(src)
         self.suspended[src] = (until, reason)
         self.ledger.set_suspended(src, True)
         backlog = self.backlog[src]
@@ -205,10 +246,20 @@ class Sources:
             self.ledger.release(src)
             self._give_back(backlog.pop())
 
+    def resume(self, src: int, by_hold: bool = False) -> None:
+        """Put a source back into selection (an operator's resume, or its hold ended)."""
+        if by_hold and src not in self.held:
+            return  # suspended for another reason (unplumbed): that one ends by itself
+        self.held.discard(src)
+        if self.suspended.pop(src, None) is not None:
+            self.ledger.set_suspended(src, False)
+            log.info("source %s is back in selection", self.sources[src].name)
+
     def resume_suspended(self, now: float) -> None:
         """Put sources whose suspension has passed back into selection."""
         for src, (until, _) in list(self.suspended.items()):
             if now >= until:
+                self.held.discard(src)
                 del self.suspended[src]
                 self.ledger.set_suspended(src, False)
                 log.info("source %s is back in selection", self.sources[src].name)

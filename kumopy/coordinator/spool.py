@@ -45,6 +45,12 @@ CREATE TABLE IF NOT EXISTS injid (
     msg_id TEXT NOT NULL,
     ts REAL NOT NULL
 ) WITHOUT ROWID;
+-- Suspensions and overrides (operators, automation) that must outlive a restart.
+CREATE TABLE IF NOT EXISTS hold (
+    key TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -310,6 +316,34 @@ class SpoolStore:
             log.warning("cannot prune de-duplication ids: %s", exc)
             return 0
         return cur.rowcount
+
+    # -- holds -------------------------------------------------------------------------------
+    def save_hold(self, key: str, until: float, body: bytes) -> None:
+        """Record (or replace) a hold durably; raise SpoolError when that fails."""
+        try:
+            self._sync("FULL")
+            self.db.execute(
+                "INSERT OR REPLACE INTO hold (key, until, body) VALUES (?, ?, ?)",
+                (key, until, body),
+            )
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot record hold {key!r} in the spool: {exc}") from None
+
+    def drop_hold(self, key: str) -> None:
+        """Forget a hold; raise SpoolError when that fails."""
+        try:
+            self.db.execute("DELETE FROM hold WHERE key = ?", (key,))
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot remove hold {key!r} from the spool: {exc}") from None
+
+    def load_holds(self, now: float) -> list[tuple[str, float, bytes]]:
+        """Return the holds that have not expired by `now`, forgetting the others."""
+        try:
+            self.db.execute("DELETE FROM hold WHERE until <= ?", (now,))
+            rows = self.db.execute("SELECT key, until, body FROM hold").fetchall()
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot read holds from the spool: {exc}") from None
+        return [(str(k), float(u), bytes(b)) for k, u, b in rows]
 
     def recover(self) -> Iterator[SpoolRecord]:
         """Yield every intact message; move torn or corrupt ones aside and report them."""

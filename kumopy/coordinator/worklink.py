@@ -70,6 +70,17 @@ class WorkLink:
         except zmq.ZMQError as exc:
             log.warning("worker %s unreachable (%s)", self.core.sources[src].name, exc)
 
+    def stop(self, index: int, timeout: float) -> None:
+        """Ask one worker to finish what it holds within `timeout`, then exit."""
+        slot = self.arbiter.slots[index]
+        if slot.pid is None:
+            return
+        try:
+            self.sock.send_multipart([slot.source.name.encode(), encode_stop(timeout)])
+        except zmq.ZMQError:
+            # Not connected (yet): the signal does it (the worker drains on SIGTERM too).
+            self.arbiter.terminate(index)
+
     def stop_all(self, timeout: float) -> None:
         """Ask every running worker to finish what it holds within `timeout`, then exit."""
         stop = encode_stop(timeout)
@@ -114,7 +125,9 @@ class WorkLink:
             self.core.desk.worker_ready(src, credit)
             self.on_ready(src)
         elif kind == HEARTBEAT:
-            pass
+            stats = header.get("stats")
+            if isinstance(stats, dict):
+                self.core.desk.worker_stats[src] = stats
         elif kind == BYE:
             self.core.desk.worker_stopping(src)
         else:

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "INJECT",
     "PING",
+    "RESERVED_META_PREFIX",
     "STATUS",
     "InboundMessage",
     "InjectResult",
@@ -41,6 +42,8 @@ STATUS = "status"
 """Counters: answered with the coordinator's status (`queues_limit`, `queues_offset` page it)."""
 
 DEFAULT_MAX_MESSAGE_SIZE = 50 * 1024 * 1024
+RESERVED_META_PREFIX = "kumopy_"
+"""Meta keys kumopy sets itself (an operator's rebind); an injector may not."""
 _META_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -83,6 +86,8 @@ def _check_meta(meta: Any, limits: Limits) -> dict[str, Any]:
     for key, value in meta.items():
         if not isinstance(key, str) or not key or len(key) > 128:
             raise InjectionError(f"meta key {key!r} must be a non-empty string of <= 128 chars")
+        if key.startswith(RESERVED_META_PREFIX):
+            raise InjectionError(f"meta key {key!r} is reserved (kumopy_* keys are kumopy's own)")
         if not isinstance(value, _META_SCALARS):
             raise InjectionError(f"meta[{key!r}] must be a string, number, boolean or nil")
         if isinstance(value, str) and len(value) > 4096:

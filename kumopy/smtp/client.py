@@ -31,7 +31,6 @@ __all__ = ["SMTPClient", "TransactionResult"]
 
 log = logging.getLogger(__name__)
 
-
 _CRLF = b"\r\n"
 _QUIT_TIMEOUT = 5.0
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
@@ -127,9 +126,8 @@ class SMTPClient:
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, (host_addr, port)), t.connect)
             except TimeoutError:
-                raise DeliveryError(
-                    f"connect to {self._where} timed out after {t.connect:g}s"
-                ) from None
+                why = f"timed out after {t.connect:g}s"
+                raise DeliveryError(f"connect to {self._where} {why}") from None
             except OSError as exc:
                 raise DeliveryError(
                     f"connect to {self._where} failed: {self._explain(exc)}"

@@ -112,6 +112,11 @@ class Sink:
         return len(self._state.protocols) if self._state else 0
 
     @property
+    def peak_connections(self) -> int:
+        """Return the most sessions that were open at once."""
+        return self._state.peak if self._state else 0
+
+    @property
     def messages(self) -> int:
         """Return how many messages (final dots) the sink has seen."""
         return self._state.messages if self._state else 0
@@ -229,6 +234,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--no-pipelining", action="store_true", help="do not announce PIPELINING in EHLO"
     )
     p.add_argument("--no-8bitmime", action="store_true", help="do not announce 8BITMIME in EHLO")
+    p.add_argument(
+        "--refuse-from",
+        action="append",
+        metavar="IP",
+        help="answer MAIL FROM from this client address with --refuse-reply (repeatable)",
+    )
+    p.add_argument(
+        "--refuse-reply",
+        default="421 4.7.0 rate limited, try again later",
+        help="the refusal (a 421 also closes the connection)",
+    )
+    p.add_argument(
+        "--refuse-count", type=int, default=0, help="refuse only the first N (0: every one)"
+    )
     return p
 
 
@@ -299,6 +318,9 @@ async def _main_async(args: argparse.Namespace) -> None:
         max_size=args.max_size,
         pipelining=not args.no_pipelining,
         eightbitmime=not args.no_8bitmime,
+        refuse_from=tuple(args.refuse_from or ()),
+        refuse_reply=args.refuse_reply.encode(),
+        refuse_count=args.refuse_count,
     )
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()

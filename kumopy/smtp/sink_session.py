@@ -49,6 +49,12 @@ class SinkOptions:
     """Announce 8BITMIME."""
     hostname: str = "sink.kumopy.invalid"
     """Name used in the greeting and EHLO reply."""
+    refuse_from: tuple[str, ...] = ()
+    """Client addresses whose MAIL FROM gets refuse_reply (a receiver pushing back on an IP)."""
+    refuse_reply: bytes = b"421 4.7.0 rate limited, try again later"
+    """The refusal; a 421 also closes the connection, as receivers do."""
+    refuse_count: int = 0
+    """Refuse only the first N MAIL FROMs of each such address (0: all of them)."""
 
 
 @dataclass(slots=True)
@@ -60,12 +66,16 @@ class SinkState:
     """Called with every finished message; None skips building records at all."""
     tempfail_seen: set[str] = field(default_factory=set)
     """tempfail-once- addresses already deferred once (lowercased)."""
+    refused: dict[str, int] = field(default_factory=dict)
+    """MAIL FROMs refused so far per client address (refuse_from)."""
     connections: int = 0
     """Connections accepted so far."""
     messages: int = 0
     """Messages (final dots) seen so far."""
     protocols: set[SinkProtocol] = field(default_factory=set)
     """Sessions open right now."""
+    peak: int = 0
+    """The most sessions open at once so far."""
 
 
 def _scripted(rcpt: str, state: SinkState) -> bytes | None:
@@ -122,6 +132,7 @@ class SinkProtocol(asyncio.Protocol):
         self.state.connections += 1
         self.conn_id = self.state.connections
         self.state.protocols.add(self)
+        self.state.peak = max(self.state.peak, len(self.state.protocols))
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.peer = (str(peer[0]), int(peer[1]))
@@ -237,6 +248,9 @@ class SinkProtocol(asyncio.Protocol):
         if verb == "RCPT":
             return self._rcpt(arg), False
         if verb == "MAIL":
+            if self.peer[0] in self.opts.refuse_from and self._refuse():
+                reply = self.opts.refuse_reply
+                return reply.rstrip(b"\r\n") + b"\r\n", reply.startswith(b"421")
             return self._mail(arg), False
         if verb == "DATA":
             return self._data(), False
@@ -245,6 +259,14 @@ class SinkProtocol(asyncio.Protocol):
         if verb == "RSET":
             self._reset()
         return _SIMPLE.get(verb, b"500 5.5.2 Command not recognized\r\n"), verb == "QUIT"
+
+    def _refuse(self) -> bool:
+        """Count one refusal for this client; return False once its count is used up."""
+        seen = self.state.refused.get(self.peer[0], 0)
+        if self.opts.refuse_count and seen >= self.opts.refuse_count:
+            return False
+        self.state.refused[self.peer[0]] = seen + 1
+        return True
 
     def _reset(self) -> None:
         """Forget the current transaction."""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -14,11 +15,11 @@ from kumopy.config import EgressSource
 from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, SiteSpec
 from kumopy.mtasts import host_matches as sts_match
 from kumopy.smtp.client import SMTPClient
-from kumopy.smtp.protocol import Timeouts
 from kumopy.smtp.replies import synthesized
 from kumopy.worker.connect import Connector, Session
 from kumopy.worker.hosts import Candidate
 from kumopy.worker.prepare import Prepared, prepare, result_for
+from kumopy.worker.sites import Admission, Site
 
 __all__ = ["Deliverer"]
 
@@ -29,49 +30,6 @@ def _resolve_waiter(fut: asyncio.Future[Job | None]) -> None:
     """Release an idle connection's wait with no job (call_later callback)."""
     if not fut.done():
         fut.set_result(None)
-
-
-class _Site:
-    """The ready queue, connection pool and path config of one destination site."""
-
-    __slots__ = (
-        "batch",
-        "busy",
-        "connecting",
-        "counts",
-        "ehlo",
-        "limit",
-        "max_deliveries",
-        "name",
-        "open",
-        "opened",
-        "queue",
-        "spec",
-        "timeouts",
-        "waiters",
-    )
-
-    def __init__(self, spec: SiteSpec, default_ehlo: str) -> None:
-        self.name = spec.name
-        self.queue: deque[Job] = deque()
-        self.waiters: deque[asyncio.Future[Job | None]] = deque()
-        """Idle connections waiting for a job; submit() hands the job straight to one."""
-        self.open = 0
-        self.connecting = 0
-        self.busy = 0
-        self.opened = 0
-        self.counts = {DELIVERED: 0, TRANSIENT: 0, PERMANENT: 0}
-        self.configure(spec, default_ehlo)
-
-    def configure(self, spec: SiteSpec, default_ehlo: str) -> None:
-        """Adopt a (new) description; open connections keep theirs until they close."""
-        c = spec.config
-        self.spec = spec
-        self.limit = int(c.get("connection_limit", 32))
-        self.max_deliveries = int(c.get("max_deliveries_per_connection", 1024))
-        self.batch = int(c.get("max_recipients_per_batch", 100))
-        self.timeouts = Timeouts.from_dict(c.get("timeouts") or {})
-        self.ehlo = str(c.get("ehlo_domain") or default_ehlo)
 
 
 class Deliverer:
@@ -88,16 +46,17 @@ class Deliverer:
         self._on_result = on_result
         # Never getfqdn(): it would query the system resolver.
         self._ehlo = source.ehlo_domain or hostname or socket.gethostname()
-        self._sites: dict[str, _Site] = {}
+        self._sites: dict[str, Site] = {}
         self._pending: dict[int, Job] = {}
         """Jobs submitted and not yet reported, by id(job): each gets exactly one result."""
         self._sending: set[int] = set()
         """Jobs whose transaction is under way on a connection (a possible duplicate if cut)."""
         self._tasks: set[asyncio.Task[None]] = set()
-        self._clients: set[SMTPClient] = set()
-        """Open sessions, so that abandon() can reset them all."""
+        self._clients: dict[SMTPClient, str] = {}
+        """Open sessions and their session_id (for the log), so that abandon() can reset all."""
         self._draining = False
         self._connector = Connector(source)
+        self._admission = Admission()
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -105,7 +64,7 @@ class Deliverer:
         """Learn (or update) how this source reaches a site: hosts, limits, TLS, timeouts."""
         site = self._sites.get(spec.name)
         if site is None:
-            self._sites[spec.name] = _Site(spec, self._ehlo)
+            self._sites[spec.name] = Site(spec, self._ehlo)
         else:
             site.configure(spec, self._ehlo)
 
@@ -237,15 +196,34 @@ class Deliverer:
 
     # -- connection pool -------------------------------------------------------------------------
 
-    def _maybe_connect(self, site: _Site) -> None:
+    def _maybe_connect(self, site: Site) -> None:
         """Open one more connection if jobs wait that no opening connection will take."""
-        if len(site.queue) > site.connecting and site.open + site.connecting < site.limit:
-            site.connecting += 1
-            task = asyncio.get_running_loop().create_task(self._connection(site))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        site.woken = None
+        if not site.wants_connection() or self._draining:
+            return
+        wait = self._admission.wait(site)
+        if wait is None:
+            return  # its provider's connections are all in use: one closing wakes it
+        if wait > 0.0:
+            if site.woken is None:  # one timer per site, not one per job (no busy waiting)
+                site.woken = asyncio.get_running_loop().call_later(wait, self._maybe_connect, site)
+            return
+        site.connecting += 1
+        self._admission.opening(site)
+        task = asyncio.get_running_loop().create_task(self._connection(site))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _next_job(self, site: _Site) -> Job | None:
+    def _provider_freed(self, site: Site) -> None:
+        """A connection to the site's provider ended: another of its sites may connect."""
+        self._admission.closed(site)
+        if site.provider is None or self._cancelling():
+            return
+        for other in self._sites.values():
+            if other.provider == site.provider and other is not site and other.queue:
+                self._maybe_connect(other)
+
+    async def _next_job(self, site: Site) -> Job | None:
         """Return the next job of the site, waiting up to the idle timeout for one."""
         if site.queue:
             return site.queue.popleft()
@@ -262,16 +240,17 @@ class Deliverer:
             if fut in site.waiters:
                 site.waiters.remove(fut)
 
-    async def _connection(self, site: _Site) -> None:
+    async def _connection(self, site: Site) -> None:
         """Run one connection: open it, deliver queued jobs one after another, then close."""
         try:
             opened = await self._open(site)
         finally:
             site.connecting -= 1
         if opened is None:
+            self._provider_freed(site)
             return
         client, peer_name = opened.client, opened.peer_name
-        self._clients.add(client)
+        self._clients[client] = uuid.uuid4().hex
         site.open += 1
         site.opened += 1
         ahead: Prepared | None = None
@@ -297,7 +276,7 @@ class Deliverer:
                 if not client.usable:
                     break
         finally:
-            self._clients.discard(client)
+            self._clients.pop(client, None)
             site.open -= 1
             if ahead is not None and id(ahead.job) in self._pending:
                 # Only its envelope went out, never its body: safe to hand to another connection.
@@ -306,6 +285,7 @@ class Deliverer:
                 await client.quit()
             else:
                 client.close()
+            self._provider_freed(site)
             if site.queue and not self._cancelling():
                 self._maybe_connect(site)
 
@@ -314,7 +294,7 @@ class Deliverer:
         task = asyncio.current_task()
         return task is not None and task.cancelling() > 0
 
-    async def _open(self, site: _Site) -> Session | None:
+    async def _open(self, site: Site) -> Session | None:
         """Connect to the first host that greets us; on total failure fail the site's jobs."""
         if not site.queue:
             return None
@@ -331,7 +311,7 @@ class Deliverer:
 
     def _fail_site(
         self,
-        site: _Site,
+        site: Site,
         text: str,
         *,
         enhanced: str = "4.4.1",
@@ -346,7 +326,7 @@ class Deliverer:
 
     # -- one job ---------------------------------------------------------------------------------
 
-    def _take_ahead(self, site: _Site) -> Prepared | None:
+    def _take_ahead(self, site: Site) -> Prepared | None:
         """Pop the site's next job whose envelope can ride behind the current body."""
         while site.queue:
             prep = prepare(site.queue.popleft(), site.batch)
@@ -357,7 +337,7 @@ class Deliverer:
         return None
 
     async def _deliver(
-        self, client: SMTPClient, peer_name: str, prep: Prepared, site: _Site, more: bool
+        self, client: SMTPClient, peer_name: str, prep: Prepared, site: Site, more: bool
     ) -> Prepared | None:
         """Send one prepared job in batches and report it; return a job taken ahead, if any."""
         job, results = prep.job, prep.results
@@ -421,10 +401,11 @@ class Deliverer:
         )
         if client is not None:
             result.extra.update(session_facts(client, peer_name, self._sites.get(prep.job.site)))
+            result.extra["session_id"] = self._clients.get(client)
         self._report(prep.job, result)
 
 
-def session_facts(client: SMTPClient, peer: str | None, site: _Site | None) -> dict[str, object]:
+def session_facts(client: SMTPClient, peer: str | None, site: Site | None) -> dict[str, object]:
     """Return what the log record says about the session: TLS, and MTA-STS testing mode."""
     facts: dict[str, object] = {}
     tls = client.tls
