@@ -80,8 +80,11 @@ def _sink_sessions(workers: int) -> int:
     return want if soft == resource.RLIM_INFINITY else min(want, max(256, soft - 64))
 
 
-def run_bench(args: argparse.Namespace, size: int, n_sources: int | None) -> dict[str, Any]:
+def run_bench(
+    args: argparse.Namespace, size: int, n_sources: int | None, count: int | None = None
+) -> dict[str, Any]:
     """Run one benchmark: a sink, the policy together (and each source alone), the ceiling."""
+    count = count or args.count
     base = Path(tempfile.mkdtemp(prefix="kumopy-bench-", dir=args.workdir))
     sink = None
     try:
@@ -100,11 +103,11 @@ def run_bench(args: argparse.Namespace, size: int, n_sources: int | None) -> dic
         measure = Measure(
             policy=policy,
             sink=sink,
-            plan=InjectPlan(args.count, size, args.domain, tuple(args.tenant), args.campaign),
+            plan=InjectPlan(count, size, args.domain, tuple(args.tenant), args.campaign),
             injectors=args.injectors,
             fsync=args.fsync,
             startup_timeout=args.startup_timeout or 60.0 + 1.0 * len(plan.sources),
-            timeout=args.timeout or max(120.0, args.count * size / 2e6 + args.count / 500),
+            timeout=args.timeout or max(120.0, count * size / 2e6 + count / 500),
             progress=not args.quiet,
             label=f"{label}, {size:,} B",
             run_args=tuple(args.run_arg),
@@ -216,9 +219,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0 if result["delivered"] >= result["injection"]["accepted"] else 1
     points: list[dict[str, Any]] = []
     for size in args.sweep_sizes:
+        # Every size sends the bytes of --count messages of 2 KB (at least 1,000 messages):
+        # 200,000 messages of 100 KB would be 20 GB through the spool for one point.
+        count = max(1000, min(args.count, args.count * 2048 // size))
         for n in args.sweep_sources:
             try:
-                point = run_bench(args, size, n)
+                point = run_bench(args, size, n, count)
             except KumoError as exc:  # one point failing (e.g. 256 workers) keeps the others
                 print(f"kumopy bench: {n} sources, {size:,} B: {exc}", file=sys.stderr)
                 point = {"error": str(exc)}

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kumopy.demo import _table as table
+from kumopy.textable import table
 
 __all__ = [
     "chart_sources",

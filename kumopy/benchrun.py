@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -125,8 +123,6 @@ def run_measurement(m: Measure, workdir: Path) -> dict[str, Any]:
                 injectors.stop()
             if coord is not None:
                 coord.stop()
-            else:
-                _stop_stray_coordinator(workdir)
             _tail(workdir / "coordinator.stderr")
             why = _diagnose(workdir / "coordinator.stderr")
             if isinstance(exc, KumoError) and why:
@@ -197,29 +193,10 @@ def _assemble(
         "latency": figures["latency"],
         "sources": sources,
         "pools": final.get("pools") or {},
+        "feed": final.get("feed") or {},
         "cpu": cpu,
         "pids": pids,
     }
-
-
-def _stop_stray_coordinator(workdir: Path) -> None:
-    """Stop, by PID, a coordinator whose start failed (start_coordinator leaves it running)."""
-    mark = str(workdir / "coordinator.ready").encode()
-    for pid in children_of(os.getpid()):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if mark not in cmdline:
-            continue
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30.0
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.05)
 
 
 def _diagnose(path: Path) -> str:

@@ -22,6 +22,7 @@ from kumopy.checkprobe import (
 from kumopy.errors import ConfigError
 from kumopy.paths import EgressPath
 from kumopy.policy import Policy, load_policy
+from kumopy.textable import columns
 
 __all__ = ["build_parser", "format_text", "main"]
 
@@ -71,16 +72,6 @@ def _probe_arg(text: str) -> Probe:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
-    """Return rows as left-aligned columns."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        indent
-        + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
-
-
 def format_text(policy: Policy) -> str:
     """Return the human-readable listing of a loaded policy's sources and pools."""
     described = policy.describe()
@@ -102,7 +93,7 @@ def format_text(policy: Policy) -> str:
         )
         if not source["pools"] and source["name"] != "unspecified":
             idle.append(source["name"])
-    lines.extend(_table(rows))
+    lines.extend(columns(rows, indent="  "))
     if idle:
         lines.append(f"  note: in no pool (no worker will run for them): {', '.join(idle)}")
     lines.extend(["", f"Pools ({len(described['pools'])}):"])
@@ -113,7 +104,7 @@ def format_text(policy: Policy) -> str:
         lines.append(f"  {pool['name']}:")
         rows = [["SOURCE", "WEIGHT", "SHARE"]]
         rows.extend([e["name"], str(e["weight"]), f"{e['share']:.1f}%"] for e in pool["entries"])
-        lines.extend(_table(rows, indent="    "))
+        lines.extend(columns(rows, indent="    "))
     return "\n".join(lines) + "\n"
 
 

@@ -72,6 +72,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             credit=args.credit,
             drain_timeout=args.drain_timeout,
             heartbeat_timeout=args.heartbeat_timeout,
+            boot_timeout=args.boot_timeout,
+            zygote=args.zygote,
             allow_remote=args.allow_remote_ingress,
             core=CoreSettings(
                 problem_retry=args.problem_retry,
@@ -130,7 +132,22 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from kumopy.worker.main import run_worker
 
     _setup_logging(args.log_level)
-    return run_worker(args.source_def, args.endpoint, args.credit, args.parent_pid)
+    return run_worker(
+        args.source_def, args.endpoint, args.credit, args.parent_pid, args.idle_heartbeat
+    )
+
+
+def _cmd_zygote(args: argparse.Namespace) -> int:
+    from kumopy.worker.zygote import serve
+
+    _setup_logging(args.log_level)
+    # Built once here, so that the forked workers share the parser and what it imported.
+    parser = build_parser()
+
+    def worker_main(argv: list[str]) -> int:
+        return _dispatch(parser.parse_args(["worker", *argv]))
+
+    return serve(args.fd_in, args.fd_out, args.parent_pid, worker_main)
 
 
 def _cmd_resolver(args: argparse.Namespace) -> int:
@@ -279,9 +296,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--heartbeat-timeout",
         type=float,
-        default=15.0,
+        default=30.0,
         metavar="SECONDS",
-        help="terminate and restart a worker silent this long (it beats every second)",
+        help="terminate and restart a worker silent this long once it said Ready (it beats "
+        "every second, and every third of this while idle)",
+    )
+    run.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="terminate and restart a worker that has not said Ready this long after its start",
+    )
+    run.add_argument(
+        "--no-zygote",
+        dest="zygote",
+        action="store_false",
+        help="exec each worker (python -m kumopy worker) instead of forking it from a zygote "
+        "that imported the worker's modules once",
     )
     run.add_argument(
         "--drain-timeout",
@@ -316,8 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--source-def", required=True)
     w.add_argument("--credit", type=int, default=256)
     w.add_argument("--parent-pid", type=int, required=True)
+    w.add_argument("--idle-heartbeat", type=float, default=5.0, metavar="SECONDS")
     w.add_argument("--log-level", default="INFO")
     w.set_defaults(func=_cmd_worker)
+
+    z = sub.add_parser("zygote", help="(internal) fork workers from preloaded modules")
+    z.add_argument("--fd-in", type=int, required=True)
+    z.add_argument("--fd-out", type=int, required=True)
+    z.add_argument("--parent-pid", type=int, required=True)
+    z.add_argument("--log-level", default="INFO")
+    z.set_defaults(func=_cmd_zygote)
 
     r = sub.add_parser("resolver", help="(internal) the coordinator's DNS lookups")
     r.add_argument("--fd", type=int, required=True)
@@ -362,8 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kumopy.smtp.sink import main as sink_main
 
         return int(sink_main(args_list[1:]) or 0)
-    parser = build_parser()
-    args = parser.parse_args(args_list)
+    return _dispatch(build_parser().parse_args(args_list))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; return its exit code."""
     try:
         result: int = args.func(args)
     except KeyboardInterrupt:

@@ -14,20 +14,13 @@ from typing import Any
 from kumopy.client import Client
 from kumopy.harness import Proc, SinkRecords, start_coordinator, start_sink
 from kumopy.inject import generate_messages, inject_many
+from kumopy.textable import table
 
 __all__ = ["add_demo_parser", "run_demo"]
 
 
 def _policy_path() -> str:
     return str(resources.files("kumopy") / "examples" / "demo_policy.py")
-
-
-def _table(rows: list[list[str]], head: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
 
 
 def run_demo(count: int, size: int, workdir: Path, no_fsync: bool, progress: bool = True) -> int:
@@ -119,7 +112,7 @@ def _report(recs: list[dict[str, Any]], status: dict[str, Any], elapsed: float, 
     )
     print()
     print("Per source (as the sink saw it):")
-    print(_table(rows, ["source", "messages", "share", "rate", "peer IP", "EHLO name"]))
+    print(table(rows, ["source", "messages", "share", "rate", "peer IP", "EHLO name"]))
     print()
     print("Per pool (the coordinator's picks):")
     rows = []
@@ -127,7 +120,7 @@ def _report(recs: list[dict[str, Any]], status: dict[str, Any], elapsed: float, 
         ptotal = sum(picks.values())
         for src, c in sorted(picks.items()):
             rows.append([pool, src, str(c), f"{100 * c / max(1, ptotal):.1f}%"])
-    print(_table(rows, ["pool", "source", "picks", "share"]))
+    print(table(rows, ["pool", "source", "picks", "share"]))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -157,7 +157,11 @@ def start_coordinator(
             raise KumoError(f"coordinator exited with {popen.returncode}")
         return ready_file.read_text().strip() if ready_file.exists() else None
 
-    proc.info["endpoint"] = wait_for(ready, timeout, "the coordinator and its workers")
+    try:
+        proc.info["endpoint"] = wait_for(ready, timeout, "the coordinator and its workers")
+    except BaseException:
+        proc.stop()  # a start that failed leaves no coordinator (and so no worker) behind
+        raise
     proc.info["log_dir"] = workdir / "log"
     control = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--control"), None)
     proc.info["control"] = control or default_control_endpoint(workdir / "spool")

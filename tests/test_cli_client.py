@@ -220,6 +220,7 @@ def test_run_reports_every_config_error_and_exits_2(tmp_path: Path) -> None:
 SUBCOMMANDS = {
     "run",
     "worker",
+    "zygote",
     "resolver",
     "status",
     "inject",

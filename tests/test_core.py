@@ -270,3 +270,53 @@ def test_injection_ids_are_forgotten_after_the_dedup_window(tmp_path: Path) -> N
     assert spool.lookup_client_ids(["old", "new"]) == {"old": "m1", "new": "m2"}
     assert spool.prune_client_ids(2000.0) == 1
     assert spool.lookup_client_ids(["old", "new"]) == {"new": "m2"}
+
+
+def test_a_busy_worker_gets_its_jobs_in_batches_not_one_by_one(tmp_path: Path) -> None:
+    from kumopy.coordinator.sources import FEED_BATCH, FEED_HOLD
+
+    h = Harness(tmp_path)
+    desk = h.core.desk
+    desk.worker_ready(h.a, 256)
+    desk.worker_ready(h.b, 256)
+    h.inject(400)
+    while h.core.step(0.0):
+        pass
+    assert len(h.sent[h.b]) == 256 and len(desk.backlog[h.b]) == 44
+    batches = desk.batches
+    # Results for 10 jobs come back: the worker still holds 246, so 10 jobs do not go alone.
+    h.deliver(h.b, 10)
+    h.core.step(0.01)
+    assert desk.batches == batches and len(desk.backlog[h.b]) == 44
+    assert desk.next_feed() == pytest.approx(0.01 + FEED_HOLD)
+    # ... unless they waited FEED_HOLD: then they go, in one message.
+    h.core.step(0.01 + FEED_HOLD)
+    assert desk.batches == batches + 1 and len(desk.backlog[h.b]) == 34
+    assert desk.next_feed() == float("inf")
+    # Room for a whole batch goes at once.
+    h.inject(200)
+    while h.core.step(1.0):
+        pass
+    assert len(h.sent[h.b]) == 256 and len(desk.backlog[h.b]) > FEED_BATCH
+    h.deliver(h.b, FEED_BATCH)
+    h.core.step(1.0)
+    assert len(h.sent[h.b]) == 256 and desk.batches == batches + 2
+    # A worker with little work left is fed at once, whatever the batch.
+    h.deliver(h.b)
+    h.core.step(1.0)
+    assert h.sent[h.b] and desk.batches == batches + 3
+
+
+def test_a_worker_of_small_credit_is_never_held(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.core.desk.worker_ready(h.a, 1)
+    h.core.desk.worker_ready(h.b, 3)
+    h.inject(40)
+    done = Counter[int]()
+    for _ in range(200):
+        h.pump()
+        if not h.core.desk.dispatched:
+            break
+        for src in (h.a, h.b):
+            done[src] += h.deliver(src)
+    assert done == {h.a: 10, h.b: 30}

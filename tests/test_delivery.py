@@ -348,3 +348,63 @@ def test_provider_connection_limit_spans_the_providers_sites() -> None:
     assert [r.results[0].status for r in results] == [DELIVERED] * 9
     assert len(stats["sites"]) == 3 and sink.connections == 9
     assert sink.peak_connections == 2  # three sites, ten each, but two for the provider
+
+
+def test_connections_open_as_the_queue_needs_them() -> None:
+    from kumopy.ipc.jobs import Job
+    from kumopy.worker.sites import JOBS_PER_CONNECTION, Site
+
+    site = Site(SiteSpec("s", [("h", "127.0.0.1", 25, 0)], {"connection_limit": 5}), "e.test")
+    assert not site.wants_connection()  # nothing queued
+    site.queue.append(Job(1, "m", "s@x.test", ["r@y.test"], b"x\r\n", "s"))
+    assert site.wants_connection()  # the first job opens the first connection
+    site.connecting = 1
+    for i in range(JOBS_PER_CONNECTION - 1):
+        site.queue.append(Job(i + 2, "m", "s@x.test", ["r@y.test"], b"x\r\n", "s"))
+    assert not site.wants_connection()  # 8 jobs: one opening connection takes them
+    site.queue.append(Job(99, "m", "s@x.test", ["r@y.test"], b"x\r\n", "s"))
+    assert site.wants_connection()  # the 9th justifies a second one
+    site.connecting, site.open = 2, 3
+    site.queue.extend([site.queue[0]] * 1000)
+    assert not site.wants_connection()  # never past connection_limit
+
+
+def test_a_job_behind_a_slow_transaction_goes_to_an_idle_connection() -> None:
+    from kumopy.worker.sites import HANDOFF_DELAY
+
+    with running_sink(slow_delay=2.0) as sink:
+        hosts = [("127.0.0.1", sink.port)]
+        done: dict[int, float] = {}
+
+        async def go() -> None:
+            loop = asyncio.get_running_loop()
+            waiters: dict[int, asyncio.Future[None]] = {}
+
+            def on_result(r: JobResult) -> None:
+                assert r.results[0].status == DELIVERED, r
+                done[r.job_id] = loop.time()
+                waiters[r.job_id].set_result(None)
+
+            d = SiteDeliverer(source(), on_result, connection_limit=4)
+            burst = [job(i, hosts) for i in range(9)]  # 9 queued jobs open 2 connections
+            for j in burst:
+                waiters[j.job_id] = loop.create_future()
+                d.submit(j)
+            await asyncio.wait_for(asyncio.gather(*waiters.values()), 10)
+            assert d.stats()["connections"] == 2  # both idle now
+            slow, quick = job(100, hosts, "slow-1@example.net"), job(101, hosts)
+            for j in (slow, quick):
+                waiters[j.job_id] = loop.create_future()
+            d.submit(slow)  # an idle connection takes it and waits 2 s for the final reply
+            await asyncio.sleep(0)
+            start = loop.time()
+            d.submit(quick)  # queued behind the slow one, then handed to the other idle one
+            await asyncio.wait_for(waiters[101], 10)
+            assert done[101] - start < 1.0 and 100 not in done
+            assert done[101] - start >= HANDOFF_DELAY * 0.9
+            await asyncio.wait_for(waiters[100], 10)
+            assert d.stats()["connections"] == 2  # no connection opened for it
+            await d.drain(5)
+
+        asyncio.run(go())
+        assert sink.connections == 2

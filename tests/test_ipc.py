@@ -223,3 +223,23 @@ def test_worker_messages_round_trip() -> None:
     assert decode_header(encode_bye())["kind"] == BYE
     stop = decode_header(encode_stop(2.5))
     assert (stop["kind"], stop["timeout"]) == (STOP, 2.5)
+
+
+def test_a_batch_of_jobs_travels_in_two_frames_and_comes_back_whole() -> None:
+    bodies = [b"a\r\n", b"", b"x" * 100_000, b".\r\n"]
+    jobs = [Job(i, f"m{i}", "s@x.test", ["r@y.test"], b, "site") for i, b in enumerate(bodies)]
+    frames = encode_jobs(jobs)
+    assert len(frames) == 2
+    back = decode_jobs(decode_header(frames[0]), frames)
+    assert [bytes(j.data) for j in back] == bodies and [j.job_id for j in back] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("span", [(0, 10**6), (5, 2), (-1, 3)])
+def test_a_deliver_message_whose_body_lies_outside_its_frame_is_refused(
+    span: tuple[int, int],
+) -> None:
+    from kumopy.ipc.work import DELIVER
+
+    header = encode_header(DELIVER, jobs=[[1, "m", "s@x.test", ["r@y.test"], "site", *span]])
+    with pytest.raises(ProtocolError, match="malformed deliver message"):
+        decode_jobs(decode_header(header), [header, b"0123456789"])

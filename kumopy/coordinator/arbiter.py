@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kumopy.config import EgressSource
+from kumopy.coordinator.zygote import Zygote
 from kumopy.ipc.work import WORKER_BOOT_ERROR
 
 __all__ = ["Arbiter", "WorkerSlot"]
@@ -27,7 +28,13 @@ STORM_RESTARTS = 5
 """More restarts than this within STORM_WINDOW seconds stop restarting a source."""
 STORM_WINDOW = 60.0
 HEARTBEAT_STALE = 15.0
+BOOT_TIMEOUT = 60.0
+"""A worker not Ready this long after its start is terminated (many start at once on a host)."""
 KILL_GRACE = 5.0
+EXIT_SETTLE = 0.1
+"""Seconds between reaping a worker and acting on its exit: the results it sent just before
+exiting may still be in the coordinator's ZeroMQ I/O thread, and a job whose worker is gone
+is sent again (a forked worker exits within a millisecond of its last message)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -38,12 +45,18 @@ class WorkerSlot:
     source: EgressSource
     pid: int | None = None
     proc: subprocess.Popen[bytes] | None = None
+    """The exec'd worker's Popen; None for a worker forked by the zygote (tracked by pid)."""
+    started: float = 0.0
+    ready_at: float | None = None
+    """When the running worker said Ready; until then the boot timeout applies, not staleness."""
     last_seen: float = 0.0
     restarts: deque[float] = field(default_factory=deque)
     next_start: float | None = None
     failed: str | None = None
     """Why this source's worker is no longer restarted (boot failure or restart storm)."""
     term_sent: float | None = None
+    exited: tuple[float, int] | None = None
+    """When the worker was reaped and its exit code, until the arbiter acts on its exit."""
     retired: bool = False
     """A reload took the source out of every pool: its worker drains and is not restarted."""
     replacement: EgressSource | None = None
@@ -62,8 +75,12 @@ class Arbiter:
         backoff: tuple[float, float] = (0.1, 10.0),
         stale_after: float = HEARTBEAT_STALE,
         kill_grace: float = KILL_GRACE,
+        boot_timeout: float = BOOT_TIMEOUT,
+        zygote: Zygote | None = None,
     ) -> None:
         self.stale_after = stale_after
+        self.boot_timeout = boot_timeout
+        self.zygote = zygote
         self.kill_grace = kill_grace
         self.endpoint = endpoint
         self.slots = [WorkerSlot(i, s) for i, s in enumerate(sources)]
@@ -72,39 +89,63 @@ class Arbiter:
         self.worker_args = list(worker_args)
         self.backoff = backoff
         self.stopping = False
+        self.clock: Callable[[], float] = time.monotonic
+        """The clock of starts, heartbeats and restarts (tests move a fake one)."""
+
+    def _argv(self, slot: WorkerSlot) -> list[str]:
+        """Return the worker's arguments (after `python -m kumopy worker`)."""
+        definition = base64.b64encode(json.dumps(slot.source.to_dict()).encode()).decode()
+        return [
+            *("--endpoint", self.endpoint, "--source-def", definition),
+            *("--parent-pid", str(os.getpid()), *self.worker_args),
+        ]
 
     def spawn(self, slot: WorkerSlot) -> None:
-        """Exec a fresh worker for `slot` (python -m kumopy worker ...)."""
-        definition = base64.b64encode(json.dumps(slot.source.to_dict()).encode()).decode()
-        cmd = [
-            sys.executable,
-            "-m",
-            "kumopy",
-            "worker",
-            "--endpoint",
-            self.endpoint,
-            "--source-def",
-            definition,
-            "--parent-pid",
-            str(os.getpid()),
-            *self.worker_args,
-        ]
-        slot.proc = subprocess.Popen(cmd, close_fds=True)
-        slot.pid = slot.proc.pid
-        slot.last_seen = time.monotonic()
+        """Start a fresh worker for `slot`: forked by the zygote, else exec'd."""
+        argv = self._argv(slot)
+        self._started(slot, argv, self.zygote.spawn(argv) if self.zygote is not None else None)
+
+    def _started(self, slot: WorkerSlot, argv: list[str], pid: int | None) -> None:
+        """Track the worker the zygote forked (`pid`), or exec one when it could not."""
+        slot.proc = None
+        if pid is None:
+            slot.proc = subprocess.Popen(
+                [sys.executable, "-m", "kumopy", "worker", *argv], close_fds=True
+            )
+            pid = slot.proc.pid
+        slot.pid = pid
+        slot.started = slot.last_seen = self.clock()
+        slot.ready_at = None
         slot.next_start = None
         slot.term_sent = None
-        self.by_pid[slot.pid] = slot
-        log.info("started worker for source %s (pid %d)", slot.source.name, slot.pid)
+        self.by_pid[pid] = slot
+        how = "exec'd" if slot.proc is not None else "forked"
+        log.info("started worker for source %s (pid %d, %s)", slot.source.name, pid, how)
 
     def start_all(self) -> None:
-        """Start every worker."""
-        for slot in self.slots:
-            self.spawn(slot)
+        """Start the zygote, if any, then every worker."""
+        argvs = [self._argv(slot) for slot in self.slots]
+        pids: list[int | None] = [None] * len(argvs)
+        if self.zygote is not None:
+            self.zygote.start()
+            self.zygote.wait_ready(self.boot_timeout)
+            pids = self.zygote.spawn_many(argvs)
+        for slot, argv, pid in zip(self.slots, argvs, pids, strict=True):
+            self._started(slot, argv, pid)
+
+    def stop_zygote(self) -> None:
+        """Stop the zygote (at shutdown; the workers it forked are ours, not its)."""
+        if self.zygote is not None:
+            self.zygote.stop()
 
     def seen(self, index: int) -> None:
         """Note a sign of life (Ready, results, heartbeat) from a worker."""
-        self.slots[index].last_seen = time.monotonic()
+        self.slots[index].last_seen = self.clock()
+
+    def ready(self, index: int) -> None:
+        """Note a worker's Ready: from now on its silence counts, not its boot time."""
+        slot = self.slots[index]
+        slot.ready_at = slot.last_seen = self.clock()
 
     def reap(self) -> None:
         """Collect every exited worker without blocking and decide about restarting it."""
@@ -112,18 +153,29 @@ class Arbiter:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            code = os.waitstatus_to_exitcode(status)
+            if self.zygote is not None and pid == self.zygote.pid:
+                self.zygote.exited(code)
+                continue
             slot = self.by_pid.pop(pid, None)
             if slot is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
             if slot.proc is not None:
                 slot.proc.returncode = code  # keep Popen from waiting on a reaped pid
-            slot.pid = None
-            slot.proc = None
-            self._after_exit(slot, code)
+            slot.exited = (self.clock(), code)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Act on the exits reaped at least EXIT_SETTLE seconds ago."""
+        now = self.clock()
+        for slot in self.slots:
+            if slot.exited is not None and now - slot.exited[0] >= EXIT_SETTLE:
+                code = slot.exited[1]
+                slot.pid = slot.proc = slot.exited = None
+                self._after_exit(slot, code)
 
     # -- reloads ------------------------------------------------------------------------------
     def add(self, source: EgressSource) -> WorkerSlot:
@@ -152,7 +204,7 @@ class Arbiter:
     def _after_exit(self, slot: WorkerSlot, code: int) -> None:
         name = slot.source.name
         how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-        now = time.monotonic()
+        now = self.clock()
         if slot.retired and not self.stopping:
             reason = f"worker for retired source {name} stopped ({how})"
             log.info("%s", reason)
@@ -194,8 +246,13 @@ class Arbiter:
 
     def tick(self) -> None:
         """Restart workers whose backoff has passed; kill hung ones."""
-        now = time.monotonic()
+        if self.zygote is not None:
+            self.zygote.tick(self.stopping)
+        self._settle()
+        now = self.clock()
         for slot in self.slots:
+            if slot.exited is not None:
+                continue
             if slot.pid is None:
                 if (
                     not self.stopping
@@ -209,7 +266,19 @@ class Arbiter:
             if slot.term_sent is not None:
                 if now - slot.term_sent > self.kill_grace:
                     self._kill(slot, signal.SIGKILL)
-            elif not self.stopping and now - slot.last_seen > self.stale_after:
+            elif self.stopping:
+                continue
+            elif slot.ready_at is None and now - slot.started > self.boot_timeout:
+                # Counted from the start, not from a heartbeat: on a busy host hundreds of
+                # workers boot at once and the last ones take far longer than a heartbeat.
+                log.error(
+                    "worker for %s not ready %.0fs after its start; terminating it",
+                    slot.source.name,
+                    now - slot.started,
+                )
+                self._kill(slot, signal.SIGTERM)
+                slot.term_sent = now
+            elif slot.ready_at is not None and now - slot.last_seen > self.stale_after:
                 log.error(
                     "worker for %s sent nothing for %.0fs; terminating it",
                     slot.source.name,
@@ -219,8 +288,8 @@ class Arbiter:
                 slot.term_sent = now
 
     def _kill(self, slot: WorkerSlot, sig: int) -> None:
-        if slot.pid is None:
-            return
+        if slot.pid is None or slot.exited is not None:
+            return  # never signal a reaped pid: the kernel may have given it to another process
         try:
             os.kill(slot.pid, sig)
         except OSError as exc:

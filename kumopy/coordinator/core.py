@@ -383,6 +383,7 @@ class Core:
             "backlog": desk.backlog_count(),
             "delayed": len(book.due),
             "requeued": desk.requeued,
+            "feed": {"batches": desk.batches, "jobs": desk.jobs_sent},
             "recovered": self.recovered,
             "ready": self.dispatcher.ready_count(),
             "paused": self.dispatcher.paused,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import signal
@@ -28,7 +29,9 @@ from kumopy.coordinator.redis_limits import make_limiter
 from kumopy.coordinator.resolving import start_resolver
 from kumopy.coordinator.spool import SpoolStore
 from kumopy.coordinator.worklink import WorkLink
+from kumopy.coordinator.zygote import Zygote
 from kumopy.errors import ConfigError, PolicyError
+from kumopy.gctune import settle_heap
 from kumopy.ipc.control import default_control_endpoint
 from kumopy.ipc.framing import MAX_HEADER_BYTES
 from kumopy.ipc.jobs import Job, SiteSpec
@@ -113,9 +116,15 @@ class Coordinator:
             self.core.sources,
             worker_endpoint,
             self._worker_exited,
-            ["--credit", str(options.credit), *options.worker_args],
+            # An idle worker beats every third of the timeout: it may miss two beats.
+            [
+                *("--credit", str(options.credit), *options.worker_args),
+                *("--idle-heartbeat", f"{options.heartbeat_timeout / 3:g}"),
+            ],
             stale_after=options.heartbeat_timeout,
             kill_grace=options.heartbeat_timeout / 3,
+            boot_timeout=options.boot_timeout,
+            zygote=Zygote(options.log_level, options.boot_timeout) if options.zygote else None,
         )
         self.link = WorkLink(self.workers, self.core, self.arbiter, self._worker_ready)
         self._signals: list[int] = []
@@ -216,11 +225,20 @@ class Coordinator:
         """Load every message of the spool into its queue."""
         now = time.time()
         n = 0
-        for rec in self.spool.recover():
-            self.core.enqueue(
-                rec.msg_id, rec.env, rec.size, now, attempts=rec.attempts, due=rec.due
-            )
-            n += 1
+        # Each recovered message is a few long-lived objects in no cycle; with the collector
+        # on, its passes walk the growing queue again and again (a quarter of the time for a
+        # million messages). One collection after start-up (settle_heap) is enough.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for rec in self.spool.recover():
+                self.core.enqueue(
+                    rec.msg_id, rec.env, rec.size, now, attempts=rec.attempts, due=rec.due
+                )
+                n += 1
+        finally:
+            if collecting:
+                gc.enable()
         self.core.recovered = n
         if n:
             log.info("recovered %d messages from the spool", n)
@@ -231,6 +249,7 @@ class Coordinator:
         self._install_signals()
         try:
             self.recover()
+            settle_heap()
             self.arbiter.start_all()
             self._loop()
         finally:
@@ -293,7 +312,8 @@ class Coordinator:
                     return
 
     def _poll_timeout(self, now: float) -> int:
-        nxt = min(self.core.book.due.next_due(), self.core.dispatcher.next_wake())
+        core = self.core
+        nxt = min(core.book.due.next_due(), core.dispatcher.next_wake(), core.desk.next_feed())
         wait = min(0.2, max(0.0, nxt - now))
         if self.core.outcomes.pending():
             wait = min(wait, self.core.settings.outcome_delay)
@@ -388,6 +408,7 @@ class Coordinator:
             if not self.arbiter.wait_all(time.monotonic() + 5):
                 self.arbiter.terminate_all(signal.SIGKILL)
                 self.arbiter.wait_all(time.monotonic() + 5)
+        self.arbiter.stop_zygote()
         self.core.outcomes.commit(force=True)
         if self.resolver is not None:
             self.resolver.close()

@@ -36,8 +36,12 @@ class RunOptions:
     limits: Limits = field(default_factory=Limits)
     credit: int = 256
     drain_timeout: float = 30.0
-    heartbeat_timeout: float = 15.0
+    heartbeat_timeout: float = 30.0
     """A worker silent this long is terminated (SIGTERM, then SIGKILL) and restarted."""
+    boot_timeout: float = 60.0
+    """A worker not Ready this long after its start is terminated and restarted."""
+    zygote: bool = True
+    """Fork workers from a zygote that imported their modules once (False: exec each one)."""
     allow_remote: bool = False
     core: CoreSettings = field(default_factory=CoreSettings)
     worker_args: list[str] = field(default_factory=list)

@@ -25,6 +25,10 @@ from kumopy.ipc.jobs import Job, SiteSpec
 
 __all__ = ["MIN_CAPACITY", "Assignment", "Sources"]
 
+FEED_BATCH = 64
+"""Jobs a busy worker is sent at once at least (a quarter of its credit when that is less)."""
+FEED_HOLD = 0.1
+"""Seconds a smaller batch may wait for a busy worker before it goes anyway."""
 MIN_CAPACITY = 1024
 """Source indexes a run holds at least (sources added by reloads included)."""
 
@@ -87,9 +91,14 @@ class Sources:
         self.delivered = [0] * n
         self.requeued = 0
         """Jobs handed back from a dead worker or an expired lease (at-least-once)."""
+        self.batches = 0
+        """DELIVER messages sent to workers since start (jobs_sent / batches: batch size)."""
+        self.jobs_sent = 0
         self._sites: list[dict[str, PathRoute]] = [{} for _ in range(n)]
         """The site each worker was last told about, by name (resent when it changes)."""
         self._jobs = itertools.count(1)
+        self._waiting: dict[int, float] = {}
+        """Since when each source's small batch waits for its busy worker (FEED_HOLD)."""
 
     def assign(self, src: int, item: Assignment) -> None:
         """Count a pick for a source and put it in the source's backlog."""
@@ -117,12 +126,25 @@ class Sources:
     def feed(self, now: float) -> int:
         """Send each source's backlog to its worker while the worker has credit."""
         sent = 0
+        before, waiting = self._waiting, dict[int, float]()
+        self._waiting = waiting  # only the batches still held after this turn stay
         for src, backlog in enumerate(self.backlog):
             if not backlog:
                 continue
-            room = self.worker_credit(src) - len(self.by_source[src])
+            credit = self.worker_credit(src)
+            busy = len(self.by_source[src])
+            room = credit - busy
             if room <= 0:
                 continue
+            quarter = credit // 4
+            if busy and busy >= quarter and min(room, len(backlog)) < min(FEED_BATCH, quarter):
+                # The worker still has a quarter of its credit in work: wait (briefly) until
+                # a full batch can go. A message per job or two wakes it far more often, and
+                # with many sources those wake-ups are most of the workers' CPU.
+                since = waiting[src] = before.get(src, now)
+                if now - since < FEED_HOLD:
+                    continue
+                del waiting[src]
             jobs: list[Job] = []
             while backlog and len(jobs) < room:
                 item = backlog.popleft()
@@ -143,7 +165,7 @@ class Sources:
                     # The worker learns a site (or its change) before its first job there;
                     # ZeroMQ keeps the order. Jobs already batched go first.
                     if jobs:
-                        self.send_jobs(src, jobs)
+                        self._send(src, jobs)
                         sent += len(jobs)
                         jobs = []
                     self._sites[src][route.key] = route
@@ -158,8 +180,18 @@ class Sources:
                 )
             if jobs:
                 sent += len(jobs)
-                self.send_jobs(src, jobs)
+                self._send(src, jobs)
         return sent
+
+    def next_feed(self) -> float:
+        """Return when the oldest held batch must go (inf when none waits)."""
+        return min(self._waiting.values(), default=float("inf")) + FEED_HOLD
+
+    def _send(self, src: int, jobs: list[Job]) -> None:
+        """Send a batch of jobs to a worker, counting batches (jobs per message: status)."""
+        self.batches += 1
+        self.jobs_sent += len(jobs)
+        self.send_jobs(src, jobs)
 
     def answered(self, job_id: int) -> Assignment | None:
         """Return and forget the assignment a result answers (None: unknown, lease passed)."""

@@ -195,7 +195,13 @@ def _quick_check(src: sqlite3.Connection) -> list[str]:
 
 
 def salvage(
-    path: Path, schema: str, *, reason: str, fsync: bool, start_empty: bool
+    path: Path,
+    schema: str,
+    *,
+    reason: str,
+    fsync: bool,
+    start_empty: bool,
+    page_size: int = 4096,
 ) -> dict[str, Any]:
     """Replace the damaged `path` with a fresh spool of its readable rows; return the report."""
     quarantine_dir = path.parent / "quarantine"
@@ -209,6 +215,7 @@ def salvage(
         # One transaction in rollback-journal mode: the file is complete once renamed to `done`.
         dst = sqlite3.connect(building, isolation_level=None)
         try:
+            dst.execute(f"PRAGMA page_size={int(page_size)}")  # the new file is empty yet
             dst.execute(f"PRAGMA synchronous={'FULL' if fsync else 'OFF'}")
             dst.executescript(schema)
             dst.execute("BEGIN")

@@ -30,7 +30,6 @@ __all__ = ["WorkLink"]
 log = logging.getLogger(__name__)
 
 _READ_PER_TURN = 1024
-_ZERO_COPY_FROM = 65536
 
 
 class WorkLink:
@@ -53,9 +52,8 @@ class WorkLink:
         """Send a batch of jobs to a source's worker (the dispatcher's send_jobs)."""
         name = self.core.sources[src].name.encode()
         try:
-            # Zero-copy pays only for large bodies; small frames are cheaper to copy.
-            big = any(len(j.data) > _ZERO_COPY_FROM for j in jobs)
-            self.sock.send_multipart([name, *encode_jobs(jobs)], copy=not big)
+            # copy=False: pyzmq still copies frames under its copy_threshold (the header).
+            self.sock.send_multipart([name, *encode_jobs(jobs)], copy=False)
         except zmq.ZMQError as exc:
             # The worker vanished between Ready and now: give the jobs back right away.
             log.warning(
@@ -115,6 +113,7 @@ class WorkLink:
         if kind == RESULTS:
             self.core.handle_results(src, decode_results(header), now)
         elif kind == READY:
+            self.arbiter.ready(src)
             credit = int(header["credit"])
             log.info(
                 "worker %s ready (pid %s, credit %d)",

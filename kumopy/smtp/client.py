@@ -21,7 +21,8 @@ from kumopy.errors import (
     TlsUnavailableError,
 )
 from kumopy.hostnames import UNSAFE
-from kumopy.smtp.protocol import END_OF_DATA, ClientProtocol, Timeouts
+from kumopy.smtp.exchange import Exchange
+from kumopy.smtp.protocol import ClientProtocol, Timeouts
 from kumopy.smtp.replies import Reply, synthesized
 from kumopy.smtp.tls import TlsInfo, TlsPolicy, context_for, upgrade
 from kumopy.smtp.transaction import Transaction, TransactionResult, refusal
@@ -32,6 +33,7 @@ __all__ = ["SMTPClient", "TransactionResult"]
 log = logging.getLogger(__name__)
 
 _CRLF = b"\r\n"
+_DATA = b"DATA\r\n"
 _QUIT_TIMEOUT = 5.0
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
@@ -54,6 +56,8 @@ class SMTPClient:
         self.tls: TlsInfo | None = None
         """What protects the session since STARTTLS; None while in clear."""
         self._ahead: bytes | None = None
+        self._then: tuple[str, list[str], bytes, list[bytes]] | None = None
+        """The transaction announced ahead (sender, recipients, payload) and its commands."""
         self._sock: socket.socket | None = None
 
     # -- properties ------------------------------------------------------------------------------
@@ -274,115 +278,55 @@ class SMTPClient:
         """
         if not recipients:
             raise ValueError("a transaction needs at least one recipient")
-        cmds = self._commands(sender, recipients, payload)
+        told, self._then = self._then, None
+        # The transaction announced by the last call: its commands are built already.
+        if told is not None and self._ahead and told[:3] == (sender, recipients, payload):
+            cmds, known = told[3], True
+        else:
+            cmds, known = self._commands(sender, recipients, payload), False
         ahead: bytes | None = None
         if then is not None and self.pipelining and then[1] and self._refusal(*then) is None:
             with contextlib.suppress(InjectionError):
-                ahead = b"".join(self._commands(*then)) + b"DATA\r\n"
+                next_cmds = self._commands(*then)
+                ahead = b"".join(next_cmds) + _DATA
+                self._then = (then[0], then[1], then[2], next_cmds)
         if not self.usable:
             raise DeliveryError(f"session with {self._where} is not usable")
         refused = self._refusal(sender, recipients, payload) if self._ahead is None else None
         if refused is not None:
             return TransactionResult([refused] * len(recipients))
+        p = self._proto_checked()
         txn = Transaction(recipients, self._timeouts.mail_from, clear=self.tls is None)
-        try:
-            if self.pipelining:
-                go = await self._envelope_pipelined(txn, cmds)
-            else:
-                go = await self._envelope_serial(txn, cmds)
-            if go:
-                await self._body(txn, payload, ahead)
-        except (OSError, ProtocolError) as exc:
-            return self._broken(txn, exc)
-        return txn.result()
-
-    async def _envelope_pipelined(self, txn: Transaction, cmds: list[bytes]) -> bool:
-        """Send MAIL, every RCPT and DATA in one write (RFC 2920) and read their replies."""
-        t = self._timeouts
-        envelope = b"".join(cmds) + b"DATA\r\n"
-        if self._ahead is None:
-            self._proto_checked().write(envelope, len(cmds) + 1)
-        elif self._ahead == envelope:
+        pipelined = self.pipelining
+        ex = Exchange(p, txn, self._timeouts, cmds, payload, ahead, pipelined)
+        if not pipelined:
+            ex.start(cmds[0], 1)
+        elif self._ahead is None:
+            # RFC 2920: MAIL, every RCPT and DATA in one write.
+            ex.start(b"".join(cmds) + _DATA, len(cmds) + 1)
+        elif known or self._ahead == b"".join(cmds) + _DATA:
             self._ahead = None  # already on the wire behind the previous body
+            ex.start(None, 0)
         else:
             self.close()
             raise RuntimeError("send_transaction() does not match the `then` announced")
-        mail = txn.mail(await self._proto_checked().reply(t.mail_from, "MAIL FROM"))
-        txn.stage, txn.timeout = "RCPT TO", t.rcpt_to
-        for i in range(len(txn.recipients)):
-            txn.rcpt(i, await self._proto_checked().reply(t.rcpt_to, "RCPT TO"))
-        if not mail.is_positive:
-            txn.accepted = []
-        txn.stage, txn.timeout = "DATA", t.data
-        return await self._data_reply(txn, mail.is_positive)
-
-    async def _envelope_serial(self, txn: Transaction, cmds: list[bytes]) -> bool:
-        """Send MAIL, each RCPT, then DATA, one command per reply."""
-        t = self._timeouts
-        self._proto_checked().write(cmds[0])
-        if not txn.mail(await self._proto_checked().reply(t.mail_from, "MAIL FROM")).is_positive:
-            return False
-        txn.stage, txn.timeout = "RCPT TO", t.rcpt_to
-        for i, cmd in enumerate(cmds[1:]):
-            self._proto_checked().write(cmd)
-            txn.rcpt(i, await self._proto_checked().reply(t.rcpt_to, "RCPT TO"))
-            if txn.again:
-                # The server's limit is reached: the rest go to the next transaction unasked.
-                for j in range(i + 1, len(txn.recipients)):
-                    txn.again.append(j)
-                    txn.out[j] = txn.out[i]
-                break
-        if not txn.accepted:
-            txn.stage, txn.timeout = "RSET", t.mail_from
-            await self.rset()
-            return False
-        txn.stage, txn.timeout = "DATA", t.data
-        self._proto_checked().write(b"DATA\r\n")
-        return await self._data_reply(txn, True)
-
-    async def _data_reply(self, txn: Transaction, mail_ok: bool) -> bool:
-        """Read the reply to DATA; return True when the body is to be sent."""
-        t = self._timeouts
-        reply = await self._proto_checked().reply(t.data, "DATA")
-        if reply.code != 354:
-            for i in txn.accepted:
-                txn.out[i] = reply
-            if mail_ok and reply.code != 421:
-                txn.stage, txn.timeout = "RSET", t.mail_from
-                await self.rset()
-            return False
-        txn.stage, txn.timeout = "message body", t.data_block
-        if not txn.accepted:
-            # The server wants a body nobody will receive: end it at once (RFC 2920).
-            self._proto_checked().write(b".\r\n")
-            await self._proto_checked().reply(t.data_dot, END_OF_DATA)
-            return False
-        return True
-
-    async def _body(self, txn: Transaction, payload: bytes, ahead: bytes | None) -> None:
-        """Send the body (and the next envelope, if any) and read the reply to the final dot."""
-        t = self._timeouts
-        if txn.again:
-            # Recipients refused with 452 go next in a new transaction of their own: the next
-            # envelope must not be announced ahead of them.
-            ahead = None
-        if ahead is None:
-            self._proto_checked().write(payload)
-        else:
-            owed = ahead.count(_CRLF)  # MAIL, each RCPT and DATA: one reply per line
-            if len(payload) < 65536:
-                self._proto_checked().write(payload + ahead, 1 + owed)
-            else:
-                self._proto_checked().write(payload)
-                self._proto_checked().write(ahead, owed)
-            self._ahead = ahead
-        await self._proto_checked().drain(t.data_block)
-        txn.dot_sent = True
-        txn.stage, txn.timeout = "the final dot", t.data_dot
-        final = await self._proto_checked().reply(t.data_dot, END_OF_DATA)
-        for i in txn.accepted:
-            txn.out[i] = final
-        self.transactions += 1
+        if not ex.done:
+            # One wake-up for the whole transaction: the protocol drives every step.
+            ex.fut = p.loop.create_future()
+            try:
+                await ex.fut
+            finally:
+                ex.finish()  # cancelled: the protocol must not drive it any further
+        if ex.ahead is not None:
+            self._ahead = ex.ahead
+        if ex.completed:
+            self.transactions += 1
+        exc = ex.exc
+        if exc is None:
+            return txn.result()
+        if isinstance(exc, OSError | ProtocolError):
+            return self._broken(txn, exc)
+        raise exc
 
     def _broken(self, txn: Transaction, exc: OSError | ProtocolError) -> TransactionResult:
         """End a session that failed mid-transaction; every open recipient is transient."""

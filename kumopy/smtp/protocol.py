@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from kumopy.errors import ProtocolError
-from kumopy.smtp.replies import Reply, ReplyReader
+from kumopy.smtp.replies import RawReply, Reply, ReplyReader, reply_of
+
+if TYPE_CHECKING:
+    from kumopy.smtp.exchange import Exchange
 
 __all__ = ["END_OF_DATA", "EXPECTED", "ClientProtocol", "Timeouts"]
 
@@ -70,12 +73,6 @@ EXPECTED: dict[str, tuple[int, ...]] = {
 """The positive reply each command calls for; any other positive reply is a protocol error."""
 
 
-def _expire(fut: asyncio.Future[None]) -> None:
-    """Fail a pending wait with TimeoutError (a loop.call_later callback)."""
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
 def _wake(fut: asyncio.Future[None] | None) -> None:
     """Complete a pending wait, if any."""
     if fut is not None and not fut.done():
@@ -83,21 +80,70 @@ def _wake(fut: asyncio.Future[None] | None) -> None:
 
 
 class ClientProtocol(asyncio.Protocol):
-    """Collect replies from the transport and wake whoever waits for them."""
+    """Collect replies from the transport and hand them to whoever waits for them.
+
+    A transaction in progress (an Exchange, the `driver`) takes each reply as it arrives;
+    otherwise reply() awaits them one by one. Either way one timer per connection bounds the
+    wait: `arm` moves a deadline and the timer, when it fires, goes back to sleep until the
+    deadline if that moved later, so that a step costs no timer of its own.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.reader = ReplyReader()
-        self.replies: deque[Reply] = deque()
+        self.replies: deque[RawReply] = deque()
         self.waiter: asyncio.Future[None] | None = None
-        self.drain_waiter: asyncio.Future[None] | None = None
+        self.driver: Exchange | None = None
+        """The transaction that takes replies as they arrive, if one is in progress."""
         self.exc: Exception | None = None
         self.paused = False
         self.closed: asyncio.Future[None] = loop.create_future()
         # Replies owed by the server: the banner, plus one per command written. A reply beyond
         # them can only be matched to the wrong command, so it ends the session.
         self.owed = 1
+        self.deadline = 0.0
+        """Loop time by which the awaited reply (or drain) must come; 0.0 when none is awaited."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    # -- the one timer ---------------------------------------------------------------------------
+
+    def arm(self, timeout: float) -> None:
+        """Start a wait of at most timeout seconds from now."""
+        deadline = self.loop.time() + timeout
+        self.deadline = deadline
+        timer = self._timer
+        if timer is None or deadline < self._timer_at:
+            # Only a deadline earlier than the sleeping timer needs a new one; a later one is
+            # picked up when the timer fires.
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
+    def disarm(self) -> None:
+        """End the wait: nothing is due (the timer, if any, finds that when it fires)."""
+        self.deadline = 0.0
+
+    def _on_timer(self) -> None:
+        """Expire the wait if its deadline passed, else sleep again until it."""
+        self._timer = None
+        deadline = self.deadline
+        if not deadline:
+            return
+        # The loop's clock and timers are rounded to the millisecond: allow for it.
+        if self.loop.time() + 0.001 < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+            return
+        self.deadline = 0.0
+        if self.driver is not None:
+            self.driver.finish(TimeoutError())
+        elif self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(TimeoutError())
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport."""
@@ -107,7 +153,7 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Parse replies out of the received bytes."""
         try:
-            replies = self.reader.feed(data)
+            replies = self.reader.feed_raw(data)
         except ProtocolError as exc:
             self.fail(exc)
             if self.transport is not None:
@@ -116,17 +162,21 @@ class ClientProtocol(asyncio.Protocol):
         if replies:
             self.owed -= len(replies)
             if self.owed < 0:
+                last = reply_of(replies[-1], None)
                 self.fail(
                     ProtocolError(
                         f"the server sent {-self.owed} more repl{'y' if self.owed == -1 else 'ies'}"
-                        f" than commands were sent (last: {replies[-1]})"
+                        f" than commands were sent (last: {last})"
                     )
                 )
                 if self.transport is not None:
                     self.transport.abort()
                 return
             self.replies.extend(replies)
-            _wake(self.waiter)
+            if self.driver is not None:
+                self.driver.pump()
+            else:
+                _wake(self.waiter)
 
     def eof_received(self) -> bool:
         """Let the transport close: the peer will not send anything more."""
@@ -136,6 +186,9 @@ class ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Record the loss and wake every waiter."""
         self.fail(exc or ConnectionResetError("connection closed"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         _wake(self.closed)
 
     def pause_writing(self) -> None:
@@ -145,14 +198,19 @@ class ClientProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         """Note that the transport's write buffer has drained."""
         self.paused = False
-        _wake(self.drain_waiter)
+        if self.driver is not None:
+            self.driver.resumed()
+
+    # -- for the client --------------------------------------------------------------------------
 
     def fail(self, exc: Exception) -> None:
         """Remember the first failure and wake waiters so they see it."""
         if self.exc is None:
             self.exc = exc
         _wake(self.waiter)
-        _wake(self.drain_waiter)
+        driver = self.driver
+        if driver is not None and not driver.running:
+            driver.pump()
 
     def write(self, data: bytes, replies: int = 1) -> None:
         """Queue bytes owing `replies` replies; raise the recorded failure if the session died."""
@@ -164,49 +222,39 @@ class ClientProtocol(asyncio.Protocol):
         p.owed += replies
         p.transport.write(data)
 
-    async def drain(self, timeout: float) -> None:
-        """Wait until the transport's write buffer is below its high-water mark."""
-        p = self
-        if p.exc is not None:
-            raise p.exc
-        if not p.paused:
-            return
-        fut: asyncio.Future[None] = p.loop.create_future()
-        p.drain_waiter = fut
-        handle = p.loop.call_later(timeout, _expire, fut)
-        try:
-            await fut
-        finally:
-            handle.cancel()
-            p.drain_waiter = None
-        if p.exc is not None:
-            raise p.exc
-
-    async def reply(self, timeout: float, command: str) -> Reply:
-        """Return the next reply, labelled with its command; raise on timeout, loss or a wrong code.
+    def check(self, raw: RawReply, command: str) -> Reply:
+        """Return raw as the Reply to command; raise ProtocolError if it cannot answer it.
 
         A 4xx or 5xx reply is returned for the caller to act on. A positive reply other than
         the one the command calls for (250 to DATA, 354 to RCPT, ...) means the replies no
         longer line up with the commands: it raises ProtocolError, which ends the session.
+        """
+        reply = reply_of(raw, command)
+        if reply.code == 421:
+            # The server is closing the channel; nothing more may be sent on it.
+            self.fail(ConnectionResetError(f"server closing the connection: {reply}"))
+        elif reply.code < 400 and reply.code not in EXPECTED[command]:
+            wanted = " or ".join(map(str, EXPECTED[command]))
+            raise ProtocolError(f"the server answered {command} with {reply} (expected {wanted})")
+        return reply
+
+    async def reply(self, timeout: float, command: str) -> Reply:
+        """Return the next reply, labelled with its command; raise on timeout, loss or a wrong code.
+
+        For the steps outside a transaction (banner, EHLO, STARTTLS, RSET, NOOP, QUIT): see
+        check() for what a wrong code does.
         """
         p = self
         if not p.replies:
             if p.exc is None:
                 fut: asyncio.Future[None] = p.loop.create_future()
                 p.waiter = fut
-                handle = p.loop.call_later(timeout, _expire, fut)
+                p.arm(timeout)
                 try:
                     await fut
                 finally:
-                    handle.cancel()
+                    p.disarm()
                     p.waiter = None
             if not p.replies:
                 raise p.exc or ConnectionResetError("connection closed")
-        reply = p.replies.popleft()
-        if reply.code == 421:
-            # The server is closing the channel; nothing more may be sent on it.
-            p.fail(ConnectionResetError(f"server closing the connection: {reply}"))
-        elif reply.code < 400 and reply.code not in EXPECTED[command]:
-            wanted = " or ".join(map(str, EXPECTED[command]))
-            raise ProtocolError(f"the server answered {command} with {reply} (expected {wanted})")
-        return Reply(reply.code, reply.enhanced_code, reply.text, command)
+        return p.check(p.replies.popleft(), command)

@@ -7,7 +7,16 @@ from dataclasses import dataclass
 
 from kumopy.errors import ProtocolError
 
-__all__ = ["MAX_LINE", "MAX_LINES", "Reply", "ReplyReader", "parse_reply", "synthesized"]
+__all__ = [
+    "MAX_LINE",
+    "MAX_LINES",
+    "RawReply",
+    "Reply",
+    "ReplyReader",
+    "parse_reply",
+    "reply_of",
+    "synthesized",
+]
 
 MAX_LINE = 8192
 """Longest reply line accepted (RFC 5321 asks for 512; real servers send longer)."""
@@ -54,6 +63,10 @@ class Reply:
         return f"{self.code}{enh} {self.text}"
 
 
+RawReply = tuple[int, bytes | Reply]
+"""A reply as ReplyReader.feed_raw returns it: its code, then its one line or its parsed Reply."""
+
+
 def synthesized(code: int, enhanced_code: str | None, text: str) -> Reply:
     """Build a reply kumopy makes up itself (no command: the peer never sent it)."""
     return Reply(code, enhanced_code, text, None)
@@ -75,17 +88,17 @@ def _split_line(line: bytes) -> tuple[int, bool, str]:
     return code, sep != b"-", text
 
 
-def _parse_single(line: bytes) -> Reply:
-    """Parse a one-line reply ("250 2.0.0 Ok\\r\\n"): the hot path of every transaction."""
-    head = line[:3]
-    if not head.isdigit() or not 200 <= int(head) <= 599:
-        return parse_reply([line])  # raises the detailed ProtocolError
-    code = int(head)
-    text = line[4:].rstrip(b"\r\n").decode("utf-8", "replace")
+def reply_of(raw: RawReply, command: str | None) -> Reply:
+    """Build the Reply of a raw reply from ReplyReader.feed_raw, labelled with its command."""
+    code, body = raw
+    if not isinstance(body, bytes):
+        return Reply(code, body.enhanced_code, body.text, command)
+    # A single line, its code already checked: decoded only now, as most replies are not kept.
+    text = body[4:].rstrip(b"\r\n").decode("utf-8", "replace")
     m = _ENHANCED.match(text)
     if m is not None and int(m.group(1)) == code // 100:
-        return Reply(code, text[: m.end()].rstrip(), text[m.end() :])
-    return Reply(code, None, text)
+        return Reply(code, text[: m.end()].rstrip(), text[m.end() :], command)
+    return Reply(code, None, text, command)
 
 
 def parse_reply(lines: list[bytes]) -> Reply:
@@ -124,8 +137,12 @@ class ReplyReader:
 
     def feed(self, data: bytes) -> list[Reply]:
         """Add received bytes; return the replies they complete, in order."""
+        return [reply_of(raw, None) for raw in self.feed_raw(data)]
+
+    def feed_raw(self, data: bytes) -> list[RawReply]:
+        """Add received bytes; return the replies they complete as (code, line or Reply)."""
         buf = self._buf + data if self._buf else data
-        out: list[Reply] = []
+        out: list[RawReply] = []
         start = 0
         while True:
             end = buf.find(b"\n", start)
@@ -135,14 +152,19 @@ class ReplyReader:
             start = end + 1
             if len(line) > MAX_LINE:
                 raise ProtocolError(f"SMTP reply line longer than {MAX_LINE} bytes")
-            # Fast path: a complete single-line reply, by far the common case.
+            # Fast path: a complete single-line reply, by far the common case. Only its code is
+            # read here; reply_of() decodes the text of the few replies that are kept.
             if not self._lines and line[3:4] == b" ":
-                out.append(_parse_single(line))
+                head = line[:3]
+                if not head.isdigit() or not 200 <= int(head) <= 599:
+                    parse_reply([line])  # raises the detailed ProtocolError
+                out.append((int(head), line))
                 continue
             self._lines.append(line)
             if line[3:4] != b"-":
                 lines, self._lines = self._lines, []
-                out.append(parse_reply(lines))
+                reply = parse_reply(lines)
+                out.append((reply.code, reply))
             elif len(self._lines) > MAX_LINES:
                 raise ProtocolError(f"SMTP reply with more than {MAX_LINES} lines")
         self._buf = buf[start:]

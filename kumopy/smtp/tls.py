@@ -20,6 +20,7 @@ __all__ = [
     "TlsInfo",
     "TlsPolicy",
     "context_for",
+    "preload_contexts",
     "upgrade",
 ]
 
@@ -100,6 +101,17 @@ def context_for(policy: TlsPolicy) -> ssl.SSLContext:
         except OSError as exc:
             raise ValueError(f"cannot read TLS CA file {policy.ca_file}: {exc.strerror}") from exc
     return _context(True, policy.ca_file, stamp)
+
+
+def preload_contexts() -> None:
+    """Build the contexts of the default policies (the system CA store) ahead of need.
+
+    The zygote calls it before forking workers: loading the system CA store costs tens of
+    milliseconds of CPU and a few MiB per process, paid once and shared instead of once per
+    worker (with 64 sources, about 30 µs per message of a 100,000-message run).
+    """
+    _context(True, None, 0)
+    _context(False, None, 0)
 
 
 @functools.lru_cache(maxsize=16)

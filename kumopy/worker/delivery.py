@@ -13,13 +13,14 @@ from typing import Any
 
 from kumopy.config import EgressSource
 from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, JobResult, SiteSpec
-from kumopy.mtasts import host_matches as sts_match
 from kumopy.smtp.client import SMTPClient
 from kumopy.smtp.replies import synthesized
 from kumopy.worker.connect import Connector, Session
+from kumopy.worker.facts import session_facts
 from kumopy.worker.hosts import Candidate
+from kumopy.worker.idle import IdleClock
 from kumopy.worker.prepare import Prepared, prepare, result_for
-from kumopy.worker.sites import Admission, Site
+from kumopy.worker.sites import HANDOFF_DELAY, Admission, Site
 
 __all__ = ["Deliverer"]
 
@@ -54,6 +55,8 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._clients: dict[SMTPClient, str] = {}
         """Open sessions and their session_id (for the log), so that abandon() can reset all."""
+        self._facts: dict[SMTPClient, tuple[SiteSpec, dict[str, object]]] = {}
+        """What every result of a session says about it, under the site spec it was made for."""
         self._draining = False
         self._connector = Connector(source)
         self._admission = Admission()
@@ -85,13 +88,34 @@ class Deliverer:
         if site is None:
             self._fail_job(job, f"kumopy: the worker was not told about site {job.site!r}")
             return
-        while site.waiters:
-            waiter = site.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(job)
-                return
+        if site.waiters and len(site.queue) >= site.busy:
+            site.queue.append(job)
+            self._hand_over(site)
+            return
+        # Every busy connection has no job lined up: this one rides behind a body in flight
+        # (its envelope pipelined with that DATA) rather than wake an idle connection for a
+        # round trip of its own. An idle one still takes it if it waits HANDOFF_DELAY.
         site.queue.append(job)
+        if site.waiters and site.handoff is None:
+            site.handoff = asyncio.get_running_loop().call_later(
+                HANDOFF_DELAY, self._hand_over, site
+            )
         self._maybe_connect(site)
+
+    def _hand_over(self, site: Site) -> None:
+        """Give queued jobs to idle connections, the most recently idle first."""
+        if site.handoff is not None:
+            site.handoff.cancel()
+            site.handoff = None
+        while site.queue and site.waiters:
+            # LIFO: the longest-idle connections reach their idle timeout and close.
+            waiter = site.waiters.pop()
+            if not waiter.done():
+                waiter.set_result(site.queue.popleft())
+
+    def holding(self) -> int:
+        """Return the jobs submitted and not yet answered."""
+        return len(self._pending)
 
     async def drain(self, timeout: float) -> None:
         """Stop taking jobs, finish queued and in-flight ones within timeout, close connections."""
@@ -223,21 +247,23 @@ class Deliverer:
             if other.provider == site.provider and other is not site and other.queue:
                 self._maybe_connect(other)
 
-    async def _next_job(self, site: Site) -> Job | None:
+    async def _next_job(self, site: Site, idle: IdleClock) -> Job | None:
         """Return the next job of the site, waiting up to the idle timeout for one."""
         if site.queue:
             return site.queue.popleft()
         if self._draining:
             return None
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Job | None] = loop.create_future()
+        fut: asyncio.Future[Job | None] = asyncio.get_running_loop().create_future()
         site.waiters.append(fut)
-        handle = loop.call_later(site.timeouts.idle, _resolve_waiter, fut)
+        idle.start(fut, site.timeouts.idle)
+        job: Job | None = None
         try:
-            return await fut
+            job = await fut
+            return job
         finally:
-            handle.cancel()
-            if fut in site.waiters:
+            idle.stop()
+            # submit() took it off the list to hand it a job; otherwise it is still there.
+            if job is None and fut in site.waiters:
                 site.waiters.remove(fut)
 
     async def _connection(self, site: Site) -> None:
@@ -254,12 +280,13 @@ class Deliverer:
         site.open += 1
         site.opened += 1
         ahead: Prepared | None = None
+        idle = IdleClock(asyncio.get_running_loop())
         try:
             for n in range(site.max_deliveries, 0, -1):
                 if ahead is not None:
                     prep, ahead = ahead, None
                 else:
-                    job = await self._next_job(site)
+                    job = await self._next_job(site, idle)
                     if job is None:
                         break
                     if not client.usable:
@@ -276,7 +303,9 @@ class Deliverer:
                 if not client.usable:
                     break
         finally:
+            idle.close()
             self._clients.pop(client, None)
+            self._facts.pop(client, None)
             site.open -= 1
             if ahead is not None and id(ahead.job) in self._pending:
                 # Only its envelope went out, never its body: safe to hand to another connection.
@@ -287,6 +316,7 @@ class Deliverer:
                 client.close()
             self._provider_freed(site)
             if site.queue and not self._cancelling():
+                self._hand_over(site)  # jobs queued behind this connection go to idle ones
                 self._maybe_connect(site)
 
     def _cancelling(self) -> bool:
@@ -398,29 +428,19 @@ class Deliverer:
             peer_addr=client.peer_address if client else None,
             source_address=client.local_address if client else self.source.source_address,
             possible_duplicate=duplicate,
+            extra=self._session_extra(client, peer_name, prep.job.site) if client else {},
         )
-        if client is not None:
-            result.extra.update(session_facts(client, peer_name, self._sites.get(prep.job.site)))
-            result.extra["session_id"] = self._clients.get(client)
         self._report(prep.job, result)
 
-
-def session_facts(client: SMTPClient, peer: str | None, site: Site | None) -> dict[str, object]:
-    """Return what the log record says about the session: TLS, and MTA-STS testing mode."""
-    facts: dict[str, object] = {}
-    tls = client.tls
-    if tls is not None:
-        facts["tls_protocol_version"] = tls.protocol_version
-        facts["tls_cipher"] = tls.cipher
-        facts["tls_peer_subject_name"] = tls.peer_subject_name
-    patterns = site.spec.sts_testing if site is not None else None
-    if patterns is not None:
-        # MTA-STS testing mode (RFC 8461 5): report what enforce mode would have refused.
-        problems = []
-        if peer is None or not any(sts_match(p, peer) for p in patterns):
-            problems.append(f"MX host {peer} is not in the policy ({', '.join(patterns)})")
-        if tls is None or not tls.verified:
-            problems.append("the session was not over verified TLS")
-        if problems:
-            facts["mta_sts"] = "testing mode, would have failed: " + "; ".join(problems)
-    return facts
+    def _session_extra(self, client: SMTPClient, peer: str | None, name: str) -> dict[str, object]:
+        """Return a fresh copy of what a result says about its session (built once per spec)."""
+        site = self._sites.get(name)
+        cached = self._facts.get(client)
+        if site is None or cached is None or cached[0] is not site.spec:
+            # A define_site() since the last result may change the MTA-STS testing verdict.
+            facts = session_facts(client, peer, site)
+            facts["session_id"] = self._clients.get(client)
+            if site is None:
+                return facts
+            cached = self._facts[client] = (site.spec, facts)
+        return dict(cached[1])

@@ -18,6 +18,7 @@ import zmq.asyncio
 
 from kumopy.config import EgressSource
 from kumopy.errors import KumoError
+from kumopy.gctune import settle_heap
 from kumopy.ipc.framing import decode_header
 from kumopy.ipc.jobs import JobResult
 from kumopy.ipc.work import (
@@ -41,8 +42,17 @@ __all__ = ["WorkerProcess", "check_source_address", "decode_definition", "run_wo
 log = logging.getLogger(__name__)
 
 RESULT_FLUSH = 0.002
-"""Seconds results may wait so several travel in one message."""
+"""Seconds results may wait so several travel in one message (the worker runs low on jobs)."""
+RESULT_HOLD = 0.025
+"""Seconds they may wait while the worker holds a quarter of its credit or more in jobs."""
+RESULT_BATCH = 64
+"""Results that go at once, whatever the wait."""
 HEARTBEAT = 1.0
+"""Seconds between heartbeats while the worker's stats change (jobs, connections, outcomes)."""
+IDLE_HEARTBEAT = 5.0
+"""Seconds between heartbeats while they stay the same (the coordinator passes a third of its
+--heartbeat-timeout): each beat wakes two threads here and two in the coordinator, which made
+256 idle workers cost 5% of a core at one a second."""
 
 
 def decode_definition(text: str) -> EgressSource:
@@ -77,8 +87,10 @@ class WorkerProcess:
         endpoint: str,
         credit: int,
         parent_pid: int,
+        idle_heartbeat: float = IDLE_HEARTBEAT,
     ) -> None:
         self.source = source
+        self.idle_heartbeat = max(HEARTBEAT, idle_heartbeat)
         self.endpoint = endpoint
         self.credit = credit
         self.parent_pid = parent_pid
@@ -96,9 +108,16 @@ class WorkerProcess:
 
     def _on_result(self, result: JobResult) -> None:
         self.results.append(result)
-        if not self._flush_scheduled:
+        if len(self.results) >= RESULT_BATCH:
+            self._send_results()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(RESULT_FLUSH, self._flush_soon)
+            # A worker with plenty of work gains nothing from a result sent early (the
+            # coordinator refills credit a batch at a time), and each message costs both
+            # processes a wake-up: with many sources, most of their CPU.
+            plenty = self.deliverer.holding() >= self.credit // 4
+            delay = RESULT_HOLD if plenty else RESULT_FLUSH
+            asyncio.get_running_loop().call_later(delay, self._flush_soon)
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False
@@ -146,11 +165,16 @@ class WorkerProcess:
         os._exit(0)
 
     async def _heartbeat(self) -> None:
+        last: dict[str, Any] | None = None
+        idle = False
         while not self.stopping.is_set():
-            await asyncio.sleep(HEARTBEAT)
+            # A busy worker's results prove it alive anyway; its beats carry fresh stats.
+            await asyncio.sleep(self.idle_heartbeat if idle else HEARTBEAT)
             if os.getppid() != self.parent_pid:
                 self._orphaned()  # PDEATHSIG missed (prctl unavailable): found by polling
-            await self.sock.send(encode_heartbeat(self.deliverer.stats()))
+            stats = self.deliverer.stats()
+            idle, last = stats == last, stats
+            await self.sock.send(encode_heartbeat(stats))
 
     async def run(self) -> int:
         """Say Ready, then work until told to stop; return the exit code."""
@@ -182,6 +206,7 @@ def run_worker(
     endpoint: str,
     credit: int,
     parent_pid: int,
+    idle_heartbeat: float = IDLE_HEARTBEAT,
 ) -> int:
     """Entry point of `python -m kumopy worker`."""
     die_with_parent()
@@ -196,6 +221,7 @@ def run_worker(
         return WORKER_BOOT_ERROR
     if os.getppid() != parent_pid:
         return 0
+    settle_heap()  # forked from the zygote or exec'd: the same collector settings
     try:
         import uvloop
 
@@ -204,7 +230,7 @@ def run_worker(
         runner = asyncio.run
 
     async def main() -> int:
-        return await WorkerProcess(source, endpoint, credit, parent_pid).run()
+        return await WorkerProcess(source, endpoint, credit, parent_pid, idle_heartbeat).run()
 
     result: int = runner(main())
     return result

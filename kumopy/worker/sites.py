@@ -10,7 +10,13 @@ from kumopy.ipc.jobs import DELIVERED, PERMANENT, TRANSIENT, Job, SiteSpec
 from kumopy.rates import TokenBucket, parse_rate
 from kumopy.smtp.protocol import Timeouts
 
-__all__ = ["Admission", "Site"]
+__all__ = ["HANDOFF_DELAY", "JOBS_PER_CONNECTION", "Admission", "Site"]
+
+HANDOFF_DELAY = 0.05
+"""Seconds a job queued behind busy connections waits before an idle connection takes it."""
+
+JOBS_PER_CONNECTION = 8
+"""Queued jobs that justify one more connection (up to connection_limit)."""
 
 
 class Site:
@@ -22,6 +28,7 @@ class Site:
         "connecting",
         "counts",
         "ehlo",
+        "handoff",
         "limit",
         "max_deliveries",
         "name",
@@ -48,6 +55,8 @@ class Site:
         self.opened = 0
         self.counts = {DELIVERED: 0, TRANSIENT: 0, PERMANENT: 0}
         self.rate: TokenBucket | None = None
+        self.handoff: asyncio.TimerHandle | None = None
+        """A pending hand-over of queued jobs to idle connections (HANDOFF_DELAY)."""
         self.woken: asyncio.TimerHandle | None = None
         """A pending retry of a connection that max_connection_rate held back."""
         self.configure(spec, default_ehlo)
@@ -72,8 +81,14 @@ class Site:
             self.rate = TokenBucket(parse_rate(text), time.monotonic())
 
     def wants_connection(self) -> bool:
-        """Return True when jobs wait that no opening connection will take, below the limit."""
-        return len(self.queue) > self.connecting and self.open + self.connecting < self.limit
+        """Return True when more jobs wait than the open and opening connections will take."""
+        conns = self.open + self.connecting
+        if conns >= self.limit:
+            return False
+        # One connection per JOBS_PER_CONNECTION queued jobs, not one per job: a batch of 64
+        # jobs opens 8 sessions, not connection_limit of them at once; a queue that keeps
+        # growing (a slow receiver) opens more, up to the limit.
+        return len(self.queue) > conns * JOBS_PER_CONNECTION or (conns == 0 and bool(self.queue))
 
 
 class Admission:
