@@ -122,11 +122,11 @@ def run_bench(
                 alone = replace(
                     measure,
                     policy=only,
-                    plan=replace(measure.plan, count=args.each_count or args.count),
+                    plan=replace(measure.plan, count=args.each_count or count),
                     label=f"{name} alone",
                 )
                 each[name] = run_measurement(alone, base / f"e{i}")
-        ceiling = run_ceiling(sink, args.count, size, measure.timeout)
+        ceiling = run_ceiling(sink, count, size, measure.timeout)
         result = _summary(together, each, ceiling, plan, label, sink.info["kind"], base)
         result["sink_pid"] = sink.pid
         return result

@@ -225,18 +225,23 @@ def test_worker_messages_round_trip() -> None:
     assert (stop["kind"], stop["timeout"]) == (STOP, 2.5)
 
 
-def test_a_batch_of_jobs_travels_in_two_frames_and_comes_back_whole() -> None:
-    bodies = [b"a\r\n", b"", b"x" * 100_000, b".\r\n"]
+def test_small_bodies_share_one_frame_and_large_ones_travel_alone() -> None:
+    from kumopy.ipc.work import OWN_FRAME_FROM
+
+    big = OWN_FRAME_FROM
+    bodies = [b"a\r\n", b"", b"x" * big, b".\r\n", b"y" * (big + 1), b"z" * (big - 1)]
     jobs = [Job(i, f"m{i}", "s@x.test", ["r@y.test"], b, "site") for i, b in enumerate(bodies)]
     frames = encode_jobs(jobs)
-    assert len(frames) == 2
+    # header, the four small bodies together, then each large body as it was (no copy)
+    assert len(frames) == 4 and frames[2] is bodies[2] and frames[3] is bodies[4]
+    assert frames[1] == b"a\r\n.\r\n" + b"z" * (big - 1)
     back = decode_jobs(decode_header(frames[0]), frames)
-    assert [bytes(j.data) for j in back] == bodies and [j.job_id for j in back] == [0, 1, 2, 3]
+    assert [bytes(j.data) for j in back] == bodies and [j.job_id for j in back] == list(range(6))
 
 
-@pytest.mark.parametrize("span", [(0, 10**6), (5, 2), (-1, 3)])
+@pytest.mark.parametrize("span", [(1, 0, 10**6), (1, 5, 2), (1, -1, 3), (2, 0, 1), (0, 0, 1)])
 def test_a_deliver_message_whose_body_lies_outside_its_frame_is_refused(
-    span: tuple[int, int],
+    span: tuple[int, int, int],
 ) -> None:
     from kumopy.ipc.work import DELIVER
 

@@ -283,3 +283,32 @@ def test_validate_address_benchmark(benchmark: BenchmarkFixture) -> None:
             validate_address(addr)
 
     benchmark(run)
+
+
+def test_long_line_at_twins_agree_with_a_plain_scan() -> None:
+    from kumopy._fast import _wire_py, long_line_at
+
+    twins = [_wire_py.long_line_at]
+    if not no_extensions():
+        from kumopy._fast._wire_c import long_line_at as c_long_line_at
+
+        twins.append(c_long_line_at)
+        assert long_line_at is c_long_line_at  # production uses the compiled twin when built
+
+    def plain(data: bytes, limit: int) -> int:
+        run = 0
+        for i, octet in enumerate(data):
+            run = 0 if octet in b"\r\n" else run + 1
+            if run > limit:
+                return i - limit
+        return -1
+
+    rng = random.Random(998)
+    pieces = [b"a", b"\r", b"\n", b"\r\n", b"x" * 7, b"y" * 13]
+    for _ in range(3000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 30)))
+        limit = rng.randrange(0, 25)
+        want = plain(data, limit)
+        for twin in twins:
+            assert twin(data, limit) == want, (data, limit)
+            assert twin(memoryview(data), limit) == want

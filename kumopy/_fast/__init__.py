@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING
 
 from kumopy._fast._switch import extensions_disabled
 
-__all__ = ["IMPLEMENTATION", "DueQueue", "Ledger", "SmoothSelector", "SourceMask", "encode_data"]
+__all__ = [
+    "IMPLEMENTATION",
+    "DueQueue",
+    "Ledger",
+    "SmoothSelector",
+    "SourceMask",
+    "encode_data",
+    "long_line_at",
+]
 
 IMPLEMENTATION: str
 """Which twin is in use: "c" (Cython) or "py" (pure Python)."""
@@ -59,17 +67,17 @@ def _compiled_importable() -> bool:
 if TYPE_CHECKING:
     from kumopy._fast._queue_py import DueQueue, Ledger
     from kumopy._fast._select_py import SmoothSelector, SourceMask
-    from kumopy._fast._wire_py import encode_data
+    from kumopy._fast._wire_py import encode_data, long_line_at
 elif extensions_disabled() or not _compiled_importable():
     from kumopy._fast._queue_py import DueQueue, Ledger
     from kumopy._fast._select_py import SmoothSelector, SourceMask
-    from kumopy._fast._wire_py import encode_data
+    from kumopy._fast._wire_py import encode_data, long_line_at
 
     IMPLEMENTATION = "py"
 else:
     # All three compiled modules or none: a C mask cannot feed a Python selector.
     from kumopy._fast._queue_c import DueQueue, Ledger
     from kumopy._fast._select_c import SmoothSelector, SourceMask
-    from kumopy._fast._wire_c import encode_data
+    from kumopy._fast._wire_c import encode_data, long_line_at
 
     IMPLEMENTATION = "c"

@@ -18,6 +18,7 @@ __all__ = [
     "BYE",
     "DELIVER",
     "HEARTBEAT",
+    "OWN_FRAME_FROM",
     "READY",
     "RESULTS",
     "SITE",
@@ -97,25 +98,44 @@ def decode_site(header: dict[str, Any]) -> SiteSpec:
         raise ProtocolError(f"malformed site message: {exc}") from None
 
 
+OWN_FRAME_FROM = 65536
+"""Bodies this large travel in a frame of their own (zero-copy); smaller ones share one."""
+
+
 def encode_jobs(jobs: Sequence[Job]) -> list[Any]:
-    """Frame a batch of jobs for a worker: header, then every body in one frame."""
+    """Frame a batch of jobs: header, the small bodies in one frame, then each large one."""
     specs = []
+    small: list[bytes | memoryview] = []
+    large: list[bytes | memoryview] = []
     end = 0
     for job in jobs:
-        start, end = end, end + len(job.data)
-        specs.append([job.job_id, job.msg_id, job.sender, job.recipients, job.site, start, end])
-    # One frame for the batch: a frame per body costs ZeroMQ (and pyzmq's loop) far more
-    # than copying 2 KB bodies, and large bodies are few per batch.
-    return [encode_header(DELIVER, jobs=specs), b"".join([job.data for job in jobs])]
+        size = len(job.data)
+        if size >= OWN_FRAME_FROM:
+            # Copying a 100 KB body into a shared frame costs more than a frame of its own.
+            large.append(job.data)
+            where = (1 + len(large), 0, size)
+        else:
+            # Small bodies share frame 1: a frame per 2 KB body costs ZeroMQ (and pyzmq's
+            # loop) far more than copying it.
+            small.append(job.data)
+            where = (1, end, end + size)
+            end += size
+        specs.append([job.job_id, job.msg_id, job.sender, job.recipients, job.site, *where])
+    return [encode_header(DELIVER, jobs=specs), b"".join(small), *large]
 
 
 def decode_jobs(header: dict[str, Any], frames: Sequence[Any]) -> list[Job]:
     """Rebuild the jobs of a deliver message (the coordinator is trusted; shape is checked)."""
     jobs = []
+    views: dict[int, memoryview] = {}
     try:
-        frame = body_frame(frames, 1)
-        bodies = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
-        for job_id, msg_id, sender, rcpts, site, start, end in header["jobs"]:
+        for job_id, msg_id, sender, rcpts, site, index, start, end in header["jobs"]:
+            bodies = views.get(index)
+            if bodies is None:
+                frame = body_frame(frames, index)
+                bodies = views[index] = memoryview(
+                    frame.buffer if hasattr(frame, "buffer") else frame
+                )
             if not 0 <= start <= end <= len(bodies):
                 raise ValueError(f"body {start}:{end} outside the {len(bodies)}-byte frame")
             jobs.append(Job(job_id, msg_id, sender, list(rcpts), bodies[start:end], site))
