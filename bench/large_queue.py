@@ -34,42 +34,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.memory_queue import POLICY
+from bench.procmem import memory
 from kumopy.benchsink import free_port, start_bench_sink
 from kumopy.client import Client, Message
 from kumopy.harness import Proc, start_sink, wait_for
 from kumopy.inject import make_body
 
-__all__ = ["main", "memory"]
+__all__ = ["main"]
 
-POLICY = """
-from kumopy import kumo
-import os
-
-@kumo.on("init")
-def init():
-    kumo.define_egress_source(name="a", source_address="127.0.0.2", ehlo_domain="a.bench.test")
-    kumo.define_egress_pool(name="p", entries=[{"name": "a"}])
-
-@kumo.on("get_queue_config")
-def qc(domain, tenant, campaign, routing_domain):
-    return kumo.make_queue_config(egress_pool="p", mx_list=[os.environ["BENCH_DEST"]],
-                                  retry_interval="1h")
-"""
 SOURCE_IP = "127.0.0.2"
-
-
-def memory(pid: int) -> dict[str, int]:
-    """Return RSS, PSS and the anonymous/file/shmem parts of RSS of a process, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Rss", "Pss"):
-            out[key.lower()] = int(rest.split()[0]) * 1024
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("RssAnon", "RssFile", "RssShmem"):
-            out[key.lower()] = int(rest.split()[0]) * 1024
-    return out
 
 
 class Bench:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.procmem import memory
 from kumopy.client import Client, Message
 from kumopy.harness import start_coordinator, start_sink, wait_for
 from kumopy.inject import make_body
@@ -35,16 +36,6 @@ def qc(domain, tenant, campaign, routing_domain):
     return kumo.make_queue_config(egress_pool="p", mx_list=[os.environ["BENCH_DEST"]],
                                   retry_interval="1h")
 """
-
-
-def _memory(pid: int) -> dict[str, int]:
-    """Return RSS and PSS of a process in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Rss", "Pss"):
-            out[key.lower()] = int(rest.split()[0]) * 1024
-    return out
 
 
 def main() -> None:
@@ -74,7 +65,7 @@ def main() -> None:
         )
         procs.append(coord)
         with Client(coord.info["endpoint"], timeout=120) as c:
-            base = _memory(coord.pid)
+            base = memory(coord.pid)
             body = make_body("s@src.test", "x", args.size, 0)
             msgs = (
                 Message("s@src.test", [f"r{i}@d{i % 1000}.test"], body) for i in range(args.count)
@@ -92,7 +83,7 @@ def main() -> None:
 
             wait_for(settled, 600, "the queue to settle")
             time.sleep(1.0)
-            mem = _memory(coord.pid)
+            mem = memory(coord.pid)
             st = c.request("status")
         grown = mem["rss"] - base["rss"]
         print(

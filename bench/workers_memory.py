@@ -22,28 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.procmem import memory
 from kumopy.benchpolicy import synthetic_policy
 from kumopy.client import Client
 from kumopy.harness import Proc, start_coordinator
 
-__all__ = ["cpu_seconds", "main", "measure", "memory"]
+__all__ = ["cpu_seconds", "main", "measure"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
-
-
-def memory(pid: int) -> dict[str, int]:
-    """Return RSS, PSS and USS (private clean + dirty) of a process in bytes."""
-    fields: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if rest.strip().endswith("kB"):
-            fields[key] = int(rest.split()[0]) * 1024
-    return {
-        "rss": fields["Rss"],
-        "pss": fields["Pss"],
-        "uss": fields["Private_Clean"] + fields["Private_Dirty"],
-    }
 
 
 def cpu_seconds(pid: int) -> float:
