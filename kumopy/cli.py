@@ -74,6 +74,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             heartbeat_timeout=args.heartbeat_timeout,
             boot_timeout=args.boot_timeout,
             zygote=args.zygote,
+            sources_per_worker=args.sources_per_worker,
             allow_remote=args.allow_remote_ingress,
             core=CoreSettings(
                 problem_retry=args.problem_retry,
@@ -101,6 +102,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"kumopy run: {exc}", file=sys.stderr)
         return 1
     return coordinator.run()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _route_all_to(text: str | None) -> tuple[MxHost, ...] | None:
@@ -309,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="terminate and restart a worker that has not said Ready this long after its start",
     )
     run.add_argument(
+        "--sources-per-worker",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run up to N consecutive sources in one worker process (default 1: one process "
+        "per source); fewer wake-ups with many sources, but a crashed or hung source takes its "
+        "whole process down, and sources restarted later run alone",
+    )
+    run.add_argument(
         "--no-zygote",
         dest="zygote",
         action="store_false",
@@ -343,9 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO")
     run.set_defaults(func=_cmd_run)
 
-    w = sub.add_parser("worker", help="(internal) one egress source's worker process")
+    w = sub.add_parser("worker", help="(internal) the worker process of one or more sources")
     w.add_argument("--endpoint", required=True)
-    w.add_argument("--source-def", required=True)
+    w.add_argument(
+        "--source-def",
+        action="append",
+        required=True,
+        help="a source to serve (base64 JSON); repeated for several sources in one process",
+    )
     w.add_argument("--credit", type=int, default=256)
     w.add_argument("--parent-pid", type=int, required=True)
     w.add_argument("--idle-heartbeat", type=float, default=5.0, metavar="SECONDS")

@@ -1,4 +1,4 @@
-"""Supervise one worker process per egress source, in the manner of gunicorn's arbiter."""
+"""Supervise the worker processes of the egress sources, in the manner of gunicorn's arbiter."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ class WorkerSlot:
     source: EgressSource
     pid: int | None = None
     proc: subprocess.Popen[bytes] | None = None
-    """The exec'd worker's Popen; None for a worker forked by the zygote (tracked by pid)."""
+    """The exec'd worker's Popen; None for a worker forked by the zygote (tracked by pid).
+    The slots of a group (--sources-per-worker) share their pid and Popen."""
     started: float = 0.0
     ready_at: float | None = None
     """When the running worker said Ready; until then the boot timeout applies, not staleness."""
@@ -77,14 +78,17 @@ class Arbiter:
         kill_grace: float = KILL_GRACE,
         boot_timeout: float = BOOT_TIMEOUT,
         zygote: Zygote | None = None,
+        sources_per_worker: int = 1,
     ) -> None:
+        self.per_worker = max(1, sources_per_worker)
         self.stale_after = stale_after
         self.boot_timeout = boot_timeout
         self.zygote = zygote
         self.kill_grace = kill_grace
         self.endpoint = endpoint
         self.slots = [WorkerSlot(i, s) for i, s in enumerate(sources)]
-        self.by_pid: dict[int, WorkerSlot] = {}
+        self.by_pid: dict[int, list[WorkerSlot]] = {}
+        """The slots each running process serves: one, or a group at start."""
         self.on_exit = on_exit
         self.worker_args = list(worker_args)
         self.backoff = backoff
@@ -92,46 +96,59 @@ class Arbiter:
         self.clock: Callable[[], float] = time.monotonic
         """The clock of starts, heartbeats and restarts (tests move a fake one)."""
 
-    def _argv(self, slot: WorkerSlot) -> list[str]:
+    def _argv(self, slots: Sequence[WorkerSlot]) -> list[str]:
         """Return the worker's arguments (after `python -m kumopy worker`)."""
-        definition = base64.b64encode(json.dumps(slot.source.to_dict()).encode()).decode()
+        defs: list[str] = []
+        for slot in slots:
+            definition = base64.b64encode(json.dumps(slot.source.to_dict()).encode()).decode()
+            defs += ["--source-def", definition]
         return [
-            *("--endpoint", self.endpoint, "--source-def", definition),
+            *("--endpoint", self.endpoint, *defs),
             *("--parent-pid", str(os.getpid()), *self.worker_args),
         ]
 
     def spawn(self, slot: WorkerSlot) -> None:
-        """Start a fresh worker for `slot`: forked by the zygote, else exec'd."""
-        argv = self._argv(slot)
-        self._started(slot, argv, self.zygote.spawn(argv) if self.zygote is not None else None)
+        """Start a fresh worker for `slot` alone: forked by the zygote, else exec'd."""
+        # Alone even with --sources-per-worker: a restart or a reload never touches a
+        # process that serves other sources, nor waits to gather a group.
+        argv = self._argv([slot])
+        self._started([slot], argv, self.zygote.spawn(argv) if self.zygote is not None else None)
 
-    def _started(self, slot: WorkerSlot, argv: list[str], pid: int | None) -> None:
+    def _started(
+        self, served: WorkerSlot | Sequence[WorkerSlot], argv: list[str], pid: int | None
+    ) -> None:
         """Track the worker the zygote forked (`pid`), or exec one when it could not."""
-        slot.proc = None
+        slots = [served] if isinstance(served, WorkerSlot) else list(served)
+        proc = None
         if pid is None:
-            slot.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "kumopy", "worker", *argv], close_fds=True
             )
-            pid = slot.proc.pid
-        slot.pid = pid
-        slot.started = slot.last_seen = self.clock()
-        slot.ready_at = None
-        slot.next_start = None
-        slot.term_sent = None
-        self.by_pid[pid] = slot
-        how = "exec'd" if slot.proc is not None else "forked"
-        log.info("started worker for source %s (pid %d, %s)", slot.source.name, pid, how)
+            pid = proc.pid
+        now = self.clock()
+        for slot in slots:
+            slot.proc, slot.pid = proc, pid
+            slot.started = slot.last_seen = now
+            slot.ready_at = None
+            slot.next_start = None
+            slot.term_sent = None
+        self.by_pid[pid] = slots
+        how = "exec'd" if proc is not None else "forked"
+        names = ", ".join(slot.source.name for slot in slots)
+        log.info("started worker for source %s (pid %d, %s)", names, pid, how)
 
     def start_all(self) -> None:
-        """Start the zygote, if any, then every worker."""
-        argvs = [self._argv(slot) for slot in self.slots]
+        """Start the zygote, if any, then every worker (a group of sources per process)."""
+        n = self.per_worker
+        groups = [self.slots[i : i + n] for i in range(0, len(self.slots), n)]
+        argvs = [self._argv(group) for group in groups]
         pids: list[int | None] = [None] * len(argvs)
         if self.zygote is not None:
             self.zygote.start()
             self.zygote.wait_ready(self.boot_timeout)
             pids = self.zygote.spawn_many(argvs)
-        for slot, argv, pid in zip(self.slots, argvs, pids, strict=True):
-            self._started(slot, argv, pid)
+        for group, argv, pid in zip(groups, argvs, pids, strict=True):
+            self._started(group, argv, pid)
 
     def stop_zygote(self) -> None:
         """Stop the zygote (at shutdown; the workers it forked are ours, not its)."""
@@ -160,12 +177,10 @@ class Arbiter:
             if self.zygote is not None and pid == self.zygote.pid:
                 self.zygote.exited(code)
                 continue
-            slot = self.by_pid.pop(pid, None)
-            if slot is None:
-                continue
-            if slot.proc is not None:
-                slot.proc.returncode = code  # keep Popen from waiting on a reaped pid
-            slot.exited = (self.clock(), code)
+            for slot in self.by_pid.pop(pid, ()):
+                if slot.proc is not None:
+                    slot.proc.returncode = code  # keep Popen from waiting on a reaped pid
+                slot.exited = (self.clock(), code)
         self._settle()
 
     def _settle(self) -> None:
@@ -201,9 +216,35 @@ class Arbiter:
         else:
             slot.replacement = source
 
-    def _after_exit(self, slot: WorkerSlot, code: int) -> None:
+    def shared(self, slot: WorkerSlot) -> bool:
+        """Return True when the slot's process serves other sources too."""
+        return slot.pid is not None and len(self.by_pid.get(slot.pid, ())) > 1
+
+    def source_stopped(self, index: int) -> None:
+        """Note a source's bye: a retired or replaced source of a group counts as exited.
+
+        Its process keeps serving the rest of the group and does not exit; the worker
+        answered every job it held before its bye, and the caller returns any job sent
+        after it (never received) to its queue through `on_exit`.
+        """
+        slot = self.slots[index]
+        if self.stopping or slot.exited is not None or not self.shared(slot):
+            return  # alone: its process exits, and `reap` acts on that as before
+        if not slot.retired and slot.replacement is None:
+            return  # not asked by a reload: the heartbeat check handles a source gone quiet
+        assert slot.pid is not None
+        self.by_pid[slot.pid].remove(slot)
+        slot.pid = slot.proc = None
+        self._after_exit(slot, None)
+
+    def _after_exit(self, slot: WorkerSlot, code: int | None) -> None:
         name = slot.source.name
-        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        if code is None:
+            how = "said bye; its process serves other sources"
+        elif code >= 0:
+            how = f"exit code {code}"
+        else:
+            how = f"signal {signal.Signals(-code).name}"
         now = self.clock()
         if slot.retired and not self.stopping:
             reason = f"worker for retired source {name} stopped ({how})"
@@ -218,7 +259,7 @@ class Arbiter:
             slot.restarts.clear()
             self.spawn(slot)
             return
-        if self.stopping:
+        if self.stopping or code is None:
             reason = f"worker for {name} stopped ({how})"
             log.info("%s", reason)
         elif code == WORKER_BOOT_ERROR:
@@ -288,6 +329,7 @@ class Arbiter:
                 slot.term_sent = now
 
     def _kill(self, slot: WorkerSlot, sig: int) -> None:
+        # A slot of a group shares its pid: a hung source stops its whole group (documented).
         if slot.pid is None or slot.exited is not None:
             return  # never signal a reaped pid: the kernel may have given it to another process
         try:
@@ -300,13 +342,21 @@ class Arbiter:
         """Return the slots whose process is running."""
         return [s for s in self.slots if s.pid is not None]
 
+    def processes(self) -> list[WorkerSlot]:
+        """Return one running slot per worker process (a group's process is signalled once)."""
+        found: dict[int, WorkerSlot] = {}
+        for slot in self.slots:
+            if slot.pid is not None:
+                found.setdefault(slot.pid, slot)
+        return list(found.values())
+
     def terminate(self, index: int, sig: int = signal.SIGTERM) -> None:
-        """Send `sig` to one slot's worker, if it runs."""
+        """Send `sig` to one slot's worker (its whole group's process), if it runs."""
         self._kill(self.slots[index], sig)
 
     def terminate_all(self, sig: int = signal.SIGTERM) -> None:
         """Send `sig` to every running worker."""
-        for slot in self.alive():
+        for slot in self.processes():
             self._kill(slot, sig)
 
     def wait_all(self, deadline: float) -> bool:

@@ -125,6 +125,7 @@ class Coordinator:
             kill_grace=options.heartbeat_timeout / 3,
             boot_timeout=options.boot_timeout,
             zygote=Zygote(options.log_level, options.boot_timeout) if options.zygote else None,
+            sources_per_worker=options.sources_per_worker,
         )
         self.link = WorkLink(self.workers, self.core, self.arbiter, self._worker_ready)
         self._signals: list[int] = []

@@ -42,6 +42,8 @@ class RunOptions:
     """A worker not Ready this long after its start is terminated and restarted."""
     zygote: bool = True
     """Fork workers from a zygote that imported their modules once (False: exec each one)."""
+    sources_per_worker: int = 1
+    """Run up to this many consecutive sources in one worker process (1: one per source)."""
     allow_remote: bool = False
     core: CoreSettings = field(default_factory=CoreSettings)
     worker_args: list[str] = field(default_factory=list)

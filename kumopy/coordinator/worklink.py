@@ -76,7 +76,8 @@ class WorkLink:
         try:
             self.sock.send_multipart([slot.source.name.encode(), encode_stop(timeout)])
         except zmq.ZMQError:
-            # Not connected (yet): the signal does it (the worker drains on SIGTERM too).
+            # Not connected (yet): the signal does it (the worker drains on SIGTERM too). In
+            # a group that stops every source of the process; the others restart alone.
             self.arbiter.terminate(index)
 
     def stop_all(self, timeout: float) -> None:
@@ -129,5 +130,8 @@ class WorkLink:
                 self.core.desk.worker_stats[src] = stats
         elif kind == BYE:
             self.core.desk.worker_stopping(src)
+            # Results travel before the bye on the same pipe, so they are applied by now: a
+            # reload's source in a shared process is done, though its process runs on.
+            self.arbiter.source_stopped(src)
         else:
             raise ProtocolError(f"unknown worker message kind {kind!r}")

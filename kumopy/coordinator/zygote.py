@@ -23,6 +23,9 @@ REPLY_TIMEOUT = 10.0
 _CHUNK = 16
 """Requests written before their replies are read: a few KiB each, well within a pipe's
 buffer, so a stuck zygote cannot block the write; one round trip per chunk, not per worker."""
+_CHUNK_BYTES = 32 * 1024
+"""A chunk's arguments stay under this (half a pipe's buffer): a worker serving several
+sources (--sources-per-worker) has a definition per source, a few hundred bytes each."""
 
 
 class Zygote:
@@ -135,8 +138,7 @@ class Zygote:
     def spawn_many(self, argvs: list[list[str]]) -> list[int | None]:
         """Ask for a worker per argument list; each pid, or None where it cannot."""
         pids: list[int | None] = []
-        for i in range(0, len(argvs), _CHUNK):
-            chunk = argvs[i : i + _CHUNK]
+        for chunk in _chunks(argvs):
             if not self.poll():
                 pids += [None] * len(chunk)
                 continue
@@ -214,3 +216,17 @@ class Zygote:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
+
+
+def _chunks(argvs: list[list[str]]) -> list[list[list[str]]]:
+    """Split requests into chunks of at most _CHUNK, and _CHUNK_BYTES unless one is larger."""
+    chunks: list[list[list[str]]] = []
+    size = 0
+    for argv in argvs:
+        n = sum(len(a) + 4 for a in argv)
+        if not chunks or len(chunks[-1]) >= _CHUNK or size + n > _CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(argv)
+        size += n
+    return chunks

@@ -1,4 +1,4 @@
-"""The worker process: one egress source, uvloop, a DEALER socket to the coordinator."""
+"""The worker process: one egress source (or a few), uvloop, a DEALER socket per source."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -88,13 +89,16 @@ class WorkerProcess:
         credit: int,
         parent_pid: int,
         idle_heartbeat: float = IDLE_HEARTBEAT,
+        ctx: zmq.asyncio.Context | None = None,
     ) -> None:
         self.source = source
         self.idle_heartbeat = max(HEARTBEAT, idle_heartbeat)
         self.endpoint = endpoint
         self.credit = credit
         self.parent_pid = parent_pid
-        self.ctx = zmq.asyncio.Context()
+        # A shared context (several sources in one process) is its owner's to terminate.
+        self._own_ctx = ctx is None
+        self.ctx = zmq.asyncio.Context() if ctx is None else ctx
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.IDENTITY, source.name.encode())
@@ -105,6 +109,8 @@ class WorkerProcess:
         self.deliverer = Deliverer(source, self._on_result)
         self.stopping = asyncio.Event()
         self.drain_timeout = 30.0
+        self.group: list[WorkerProcess] = [self]
+        """Every source this process runs: a signal or an orphaned parent stops them all."""
 
     def _on_result(self, result: JobResult) -> None:
         self.results.append(result)
@@ -153,21 +159,22 @@ class WorkerProcess:
         """Drain on a stop from the coordinator; quit at once when the coordinator is gone."""
         if os.getppid() != self.parent_pid:
             self._orphaned()
-        loop.call_soon_threadsafe(self.stopping.set)
+        for worker in self.group:
+            loop.call_soon_threadsafe(worker.stopping.set)
 
     def _orphaned(self) -> None:
         # Nobody will record what this worker does from now on, and every job it holds stays
         # in the spool for the next coordinator: any delivery finished now would be sent twice.
         # So start nothing more, and reset open sessions so that unsent bodies never arrive.
         # Safe in a signal handler: it only sets socket options and writes to stderr.
-        reset = self.deliverer.abandon()
+        reset = sum(worker.deliverer.abandon() for worker in self.group)
         os.write(2, b"kumopy worker: coordinator is gone; reset %d SMTP sessions\n" % reset)
         os._exit(0)
 
     async def _heartbeat(self) -> None:
         last: dict[str, Any] | None = None
         idle = False
-        while not self.stopping.is_set():
+        while True:  # cancelled by run()
             # A busy worker's results prove it alive anyway; its beats carry fresh stats.
             await asyncio.sleep(self.idle_heartbeat if idle else HEARTBEAT)
             if os.getppid() != self.parent_pid:
@@ -181,44 +188,56 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         # Plain signal handlers, not the loop's: they run at the next bytecode, not after the
         # loop's current callbacks, so an orphan stops before it starts another transaction.
+        # In a group each source installs the same handler (it covers the group): last wins.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self._on_term(loop))
         self.sock.connect(self.endpoint)
         await self.sock.send(encode_ready(self.credit, os.getpid()))
         tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._heartbeat())]
         await self.stopping.wait()
-        tasks[1].cancel()
+        if len(self.group) == 1:
+            tasks[1].cancel()
         # Keep receiving while draining: a deliver frame already queued is still answered.
+        # A source of a group that a reload stops keeps beating meanwhile: a slow drain must
+        # not look hung, or the coordinator would kill the rest of its group with it.
         await self.deliverer.drain(self.drain_timeout)
         tasks[0].cancel()
+        tasks[1].cancel()
         self._send_results()
         await self.sock.send(encode_bye())
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self.sock.close(linger=2000)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
         return 0
 
 
 def run_worker(
-    source_def: str,
+    source_defs: str | Sequence[str],
     endpoint: str,
     credit: int,
     parent_pid: int,
     idle_heartbeat: float = IDLE_HEARTBEAT,
 ) -> int:
-    """Entry point of `python -m kumopy worker`."""
+    """Entry point of `python -m kumopy worker`: one WorkerProcess per source definition."""
     die_with_parent()
+    defs = [source_defs] if isinstance(source_defs, str) else list(source_defs)
     try:
-        source = decode_definition(source_def)
+        sources = [decode_definition(d) for d in defs]
     except (ValueError, TypeError, KeyError) as exc:
         log.error("bad source definition: %s", exc)
         return WORKER_BOOT_ERROR
-    problem = check_source_address(source)
-    if problem:
-        log.error("source %s: %s", source.name, problem)
+    if not sources:
+        log.error("no source definition")
         return WORKER_BOOT_ERROR
+    for source in sources:
+        # One unbindable source fails the whole group at boot, as it would fail alone.
+        problem = check_source_address(source)
+        if problem:
+            log.error("source %s: %s", source.name, problem)
+            return WORKER_BOOT_ERROR
     if os.getppid() != parent_pid:
         return 0
     settle_heap()  # forked from the zygote or exec'd: the same collector settings
@@ -230,7 +249,20 @@ def run_worker(
         runner = asyncio.run
 
     async def main() -> int:
-        return await WorkerProcess(source, endpoint, credit, parent_pid, idle_heartbeat).run()
+        if len(sources) == 1:
+            return await WorkerProcess(
+                sources[0], endpoint, credit, parent_pid, idle_heartbeat
+            ).run()
+        ctx = zmq.asyncio.Context()
+        group = [
+            WorkerProcess(s, endpoint, credit, parent_pid, idle_heartbeat, ctx=ctx) for s in sources
+        ]
+        for worker in group:
+            worker.group = group
+        # Each source stops on its own STOP (a reload); the process ends with the last.
+        codes = await asyncio.gather(*(worker.run() for worker in group))
+        ctx.term()  # every socket is closed by now, so this does not wait
+        return next((code for code in codes if code), 0)
 
     result: int = runner(main())
     return result
