@@ -302,3 +302,21 @@ def test_a_reload_retires_and_changes_sources_of_a_group(
     kinds = outcomes(cluster, coord)
     assert all(kinds[r][-1] == "Delivery" for r in sent)
     assert _alive(group)
+
+
+def test_a_group_that_fails_at_boot_restarts_its_sources_alone() -> None:
+    from kumopy.ipc.work import WORKER_BOOT_ERROR
+
+    exits: list[tuple[int, str]] = []
+    arb, _ = _arbiter(exits)
+    # One unbindable address fails the whole group's boot: its sources are not given up on,
+    # each is started again alone, and only a source that fails alone is.
+    for slot in arb.by_pid.pop(1000):
+        slot.pid = None
+        arb._after_exit(slot, WORKER_BOOT_ERROR)
+    assert [(s.failed, s.next_start is not None) for s in arb.slots[:2]] == [(None, True)] * 2
+    alone = arb.slots[4]
+    arb.by_pid.pop(1002)
+    alone.pid = None
+    arb._after_exit(alone, WORKER_BOOT_ERROR)
+    assert alone.failed is not None and "failed at boot" in alone.failed

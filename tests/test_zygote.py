@@ -49,7 +49,7 @@ def _arbiter(kills: list[tuple[int, int]], clock: FakeClock) -> Arbiter:
 
     arb._kill = kill  # type: ignore[method-assign]
     # As if the zygote had forked pid 4242: nothing is started.
-    arb._started(arb.slots[0], [], 4242)
+    arb._started([arb.slots[0]], [], 4242)
     return arb
 
 

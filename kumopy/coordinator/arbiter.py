@@ -56,6 +56,8 @@ class WorkerSlot:
     failed: str | None = None
     """Why this source's worker is no longer restarted (boot failure or restart storm)."""
     term_sent: float | None = None
+    grouped: bool = False
+    """The running process serves other sources too (--sources-per-worker)."""
     exited: tuple[float, int] | None = None
     """When the worker was reaped and its exit code, until the arbiter acts on its exit."""
     retired: bool = False
@@ -114,11 +116,8 @@ class Arbiter:
         argv = self._argv([slot])
         self._started([slot], argv, self.zygote.spawn(argv) if self.zygote is not None else None)
 
-    def _started(
-        self, served: WorkerSlot | Sequence[WorkerSlot], argv: list[str], pid: int | None
-    ) -> None:
+    def _started(self, slots: list[WorkerSlot], argv: list[str], pid: int | None) -> None:
         """Track the worker the zygote forked (`pid`), or exec one when it could not."""
-        slots = [served] if isinstance(served, WorkerSlot) else list(served)
         proc = None
         if pid is None:
             proc = subprocess.Popen(
@@ -127,7 +126,7 @@ class Arbiter:
             pid = proc.pid
         now = self.clock()
         for slot in slots:
-            slot.proc, slot.pid = proc, pid
+            slot.proc, slot.pid, slot.grouped = proc, pid, len(slots) > 1
             slot.started = slot.last_seen = now
             slot.ready_at = None
             slot.next_start = None
@@ -262,7 +261,9 @@ class Arbiter:
         if self.stopping or code is None:
             reason = f"worker for {name} stopped ({how})"
             log.info("%s", reason)
-        elif code == WORKER_BOOT_ERROR:
+        elif code == WORKER_BOOT_ERROR and not slot.grouped:
+            # A group fails at boot when any one of its sources does: each is restarted
+            # alone below, and only the one that cannot boot is given up on.
             slot.failed = f"worker for source {name} failed at boot ({how}); not restarting"
             reason = slot.failed
             log.error("%s", reason)
