@@ -68,6 +68,15 @@ def refusing_port(host: str = "127.0.0.1") -> Iterator[int]:
         yield s.getsockname()[1]
 
 
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel a peer thread's remaining tasks, let them finish, and close its loop."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
+
+
 class SinkProcess:
     """Our sink as a separate process (python -m kumopy.smtp.sink), recording to a file."""
 
@@ -195,11 +204,7 @@ class AiosmtpdPeer:
         loop.run_forever()
         server.close()
         loop.run_until_complete(server.wait_closed())
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
+        _close_loop(loop)
 
     @property
     def received(self) -> list[_Received]:
@@ -350,11 +355,7 @@ class Peer:
             if transport is not None:
                 transport.close()
         loop.run_until_complete(server.wait_closed())
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.close()
+        _close_loop(loop)
 
     @property
     def received(self) -> list[Seen]:
