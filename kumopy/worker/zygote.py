@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import importlib
 import logging
 import os
@@ -16,6 +15,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from kumopy.gctune import settle_heap
 from kumopy.ipc.pipe import read_frame, write_frame
 from kumopy.parent import adopted_by, die_with_parent
 from kumopy.smtp.tls import preload_contexts
@@ -58,8 +58,7 @@ def serve(fd_in: int, fd_out: int, parent_pid: int, worker_main: WorkerMain) -> 
     preload_contexts()
     # Objects from the imports go to a generation the collector never visits, so that a
     # collection in a worker does not write to (and so copy) the pages it shares with us.
-    gc.collect()
-    gc.freeze()
+    settle_heap()
     write_frame(fd_out, {"hello": os.getpid(), "modules": len(sys.modules)})
     log.debug("zygote %d ready: %d modules, fds %s", os.getpid(), len(sys.modules), _fds())
     while True:
