@@ -273,7 +273,8 @@ def test_injection_ids_are_forgotten_after_the_dedup_window(tmp_path: Path) -> N
 
 
 def test_a_busy_worker_gets_its_jobs_in_batches_not_one_by_one(tmp_path: Path) -> None:
-    from kumopy.coordinator.sources import FEED_BATCH, FEED_HOLD
+    from kumopy.coordinator.sources import FEED_HOLD
+    from kumopy.ipc.work import BATCH as FEED_BATCH
 
     h = Harness(tmp_path)
     desk = h.core.desk

@@ -22,11 +22,10 @@ from kumopy.coordinator.routes import PathRoute
 from kumopy.coordinator.spool import SpoolStore
 from kumopy.errors import PolicyError, SpoolError
 from kumopy.ipc.jobs import Job, SiteSpec
+from kumopy.ipc.work import feed_batch, worker_busy
 
 __all__ = ["MIN_CAPACITY", "Assignment", "Sources"]
 
-FEED_BATCH = 64
-"""Jobs a busy worker is sent at once at least (a quarter of its credit when that is less)."""
 FEED_HOLD = 0.1
 """Seconds a smaller batch may wait for a busy worker before it goes anyway."""
 MIN_CAPACITY = 1024
@@ -136,8 +135,7 @@ class Sources:
             room = credit - busy
             if room <= 0:
                 continue
-            quarter = credit // 4
-            if busy and busy >= quarter and min(room, len(backlog)) < min(FEED_BATCH, quarter):
+            if worker_busy(busy, credit) and min(room, len(backlog)) < feed_batch(credit):
                 # The worker still has a quarter of its credit in work: wait (briefly) until
                 # a full batch can go. A message per job or two wakes it far more often, and
                 # with many sources those wake-ups are most of the workers' CPU.

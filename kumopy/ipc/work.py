@@ -15,6 +15,7 @@ from kumopy.ipc.framing import body_frame, encode_header
 from kumopy.ipc.jobs import Job, JobResult, RecipientResult, SiteSpec
 
 __all__ = [
+    "BATCH",
     "BYE",
     "DELIVER",
     "HEARTBEAT",
@@ -34,6 +35,8 @@ __all__ = [
     "encode_results",
     "encode_site",
     "encode_stop",
+    "feed_batch",
+    "worker_busy",
 ]
 
 WORKER_BOOT_ERROR = 3
@@ -96,6 +99,24 @@ def decode_site(header: dict[str, Any]) -> SiteSpec:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed site message: {exc}") from None
+
+
+BATCH = 64
+"""Jobs, or results, that go in one message to or from a busy worker."""
+
+
+def worker_busy(held: int, credit: int) -> bool:
+    """Return True when a worker holds a quarter of its credit or more in jobs.
+
+    Both sides batch then: the coordinator sends jobs BATCH at a time (a quarter of the
+    credit if less), the worker holds its results back; one rule, so they agree.
+    """
+    return held > 0 and held >= credit // 4
+
+
+def feed_batch(credit: int) -> int:
+    """Return the jobs a busy worker of this credit is sent at once."""
+    return min(BATCH, credit // 4)
 
 
 OWN_FRAME_FROM = 65536

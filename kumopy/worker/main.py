@@ -23,6 +23,7 @@ from kumopy.gctune import settle_heap
 from kumopy.ipc.framing import decode_header
 from kumopy.ipc.jobs import JobResult
 from kumopy.ipc.work import (
+    BATCH,
     DELIVER,
     SITE,
     STOP,
@@ -33,6 +34,7 @@ from kumopy.ipc.work import (
     encode_heartbeat,
     encode_ready,
     encode_results,
+    worker_busy,
 )
 from kumopy.parent import die_with_parent
 from kumopy.validation import source_from_dict
@@ -46,8 +48,6 @@ RESULT_FLUSH = 0.002
 """Seconds results may wait so several travel in one message (the worker runs low on jobs)."""
 RESULT_HOLD = 0.025
 """Seconds they may wait while the worker holds a quarter of its credit or more in jobs."""
-RESULT_BATCH = 64
-"""Results that go at once, whatever the wait."""
 HEARTBEAT = 1.0
 """Seconds between heartbeats while the worker's stats change (jobs, connections, outcomes)."""
 IDLE_HEARTBEAT = 5.0
@@ -114,14 +114,14 @@ class WorkerProcess:
 
     def _on_result(self, result: JobResult) -> None:
         self.results.append(result)
-        if len(self.results) >= RESULT_BATCH:
+        if len(self.results) >= BATCH:
             self._send_results()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             # A worker with plenty of work gains nothing from a result sent early (the
             # coordinator refills credit a batch at a time), and each message costs both
             # processes a wake-up: with many sources, most of their CPU.
-            plenty = self.deliverer.holding() >= self.credit // 4
+            plenty = worker_busy(self.deliverer.holding(), self.credit)
             delay = RESULT_HOLD if plenty else RESULT_FLUSH
             asyncio.get_running_loop().call_later(delay, self._flush_soon)
 
